@@ -106,6 +106,7 @@ def initialize(
     num_heads: int | None = 24,
     backend: str | None = None,
     timeout_s: int = DEFAULT_TIMEOUT_S,
+    seed: int = 1234,
 ) -> ParallelGroups:
     """Start torch.distributed (if needed) and build megawan's process groups.
 
@@ -116,6 +117,7 @@ def initialize(
         num_heads: attention heads of the model to validate against (24 for TI2V-5B); None skips.
         backend: "nccl" or "gloo"; default NCCL when CUDA is available, else gloo.
         timeout_s: collective timeout, so a dead rank fails the job instead of hanging it.
+        seed: seed of megatron's model-parallel RNG tracker.
     """
     global _GROUPS
     env = launch_env()
@@ -151,6 +153,9 @@ def initialize(
         distributed_timeout_minutes=max(1, timeout_s // 60),
         create_gloo_process_groups=False,
     )
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    model_parallel_cuda_manual_seed(seed)  # megatron's per-TP-rank RNG streams (CPU stand-in on CPU)
     rank = dist.get_rank()
     vae_group = None
     for start in range(0, world, vae_shards):  # every rank must take part in every new_group call
@@ -184,10 +189,9 @@ def get_groups() -> ParallelGroups:
         if dist.is_initialized() and dist.get_world_size() > 1:
             raise RuntimeError("torch.distributed is running with several ranks: call "
                                "megawan.parallel_state.initialize(tp=..., cp=...) first")
-        if not dist.is_initialized():
-            cpu_compat.apply() if not torch.cuda.is_available() else None
+        if not dist.is_initialized():  # a lone process: a 1-rank group needs no rendezvous
             dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-        return initialize(1, 1, num_heads=None, backend="gloo" if not torch.cuda.is_available() else None)
+        return initialize(1, 1, num_heads=None)
     return _GROUPS
 
 

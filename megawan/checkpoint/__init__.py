@@ -1,0 +1,1 @@
+"""Reading and writing released Wan checkpoints (official and diffusers layouts)."""

@@ -1,0 +1,64 @@
+"""Dot-product attention kernels behind one switch: "auto", "torch", "flash" or "te".
+
+Every kernel takes q [sq, b, h, d], k/v [sk, b, h, d] (megatron's sbhd layout), is
+bidirectional (no mask: padded keys are removed by the caller) and returns [sq, b, h, d].
+"auto" picks flash-attn on CUDA for bf16/fp16 when importable, else torch SDPA.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION_BACKENDS = ("auto", "torch", "flash", "te")
+
+
+@functools.lru_cache(maxsize=None)
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def check_backend(name: str) -> None:
+    """Fail early, naming what is missing, when a GPU-only kernel is requested explicitly."""
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {name!r}")
+    if name == "flash" and not (_installed("flash_attn") and torch.cuda.is_available()):
+        raise ImportError("attention_backend='flash' needs the flash-attn package and a CUDA device "
+                          "(pip install megawan[gpu]); use 'torch' or 'auto' elsewhere")
+    if name == "te" and not (_installed("transformer_engine") and torch.cuda.is_available()):
+        raise ImportError("attention_backend='te' needs Transformer Engine and a CUDA device "
+                          "(pip install megawan[gpu]); use 'torch' or 'auto' elsewhere")
+
+
+def _torch_sdpa(q, k, v):
+    out = F.scaled_dot_product_attention(q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3))
+    return out.permute(2, 0, 1, 3)
+
+
+def _flash(q, k, v):
+    from flash_attn import flash_attn_func
+
+    out = flash_attn_func(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1))
+    return out.transpose(0, 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _te_module(heads: int, head_dim: int):
+    from transformer_engine.pytorch import DotProductAttention
+
+    return DotProductAttention(heads, head_dim, attn_mask_type="no_mask", qkv_format="sbhd")
+
+
+def _te(q, k, v):
+    s, b, h, d = q.shape
+    return _te_module(h, d)(q.contiguous(), k.contiguous(), v.contiguous()).view(s, b, h, d)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    if backend == "auto":
+        fast = q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and _installed("flash_attn")
+        backend = "flash" if fast else "torch"
+    return {"torch": _torch_sdpa, "flash": _flash, "te": _te}[backend](q, k, v)

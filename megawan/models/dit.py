@@ -1,0 +1,215 @@
+"""WanDiT: Wan 2.2 TI2V-5B's diffusion transformer on Megatron-Core parallel layers.
+
+Parallel layout (see megawan/layers/token_shards.py): tokens are split over CP, then over TP by
+sequence parallelism; every parameter is either split across TP (megatron's
+``tensor_model_parallel`` / ``partition_dim`` attributes) or replicated (then tagged
+``sequence_parallel`` when its gradient is a partial sum over this rank's tokens, as Megatron does).
+Under CP every gradient is a partial sum over CP ranks (they fold into the data-parallel reduction).
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import ModelParallelConfig
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megawan import parallel_state
+from megawan.layers.attention import CrossAttention, FeedForward, SelfAttention
+from megawan.layers.attention_kernels import check_backend
+from megawan.layers.embeddings import PatchEmbedding, WanHead, timestep_sinusoid
+from megawan.layers.linear import resolve_linear_impl
+from megawan.layers.norms import FP32LayerNorm
+from megawan.layers.rope import rope_tables
+from megawan.layers.token_shards import TokenShards
+from megawan.models.dit_config import DiTRuntime, WanDiTConfig
+from megawan.parallel_state import ParallelGroups
+
+__all__ = ["WanDiT", "WanBlock", "WanDiTConfig", "DiTRuntime"]
+
+
+class WanBlock(nn.Module):
+    """One Wan block: modulated self-attention, cross-attention (no gate), modulated FFN."""
+
+    def __init__(self, cfg: WanDiTConfig, mp_config: ModelParallelConfig, groups: ParallelGroups, rt: DiTRuntime,
+                 linear_impl: str):
+        super().__init__()
+        args = (cfg.dim, cfg.num_heads, cfg.eps, mp_config, groups.tp_group, linear_impl, rt.attention_backend)
+        self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
+        self.norm1 = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(*args)
+        self.norm3 = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=True)
+        self.cross_attn = CrossAttention(*args)
+        self.norm2 = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.ffn = FeedForward(cfg.dim, cfg.ffn_dim, mp_config, groups.tp_group, linear_impl)
+        self.cp_group = groups.cp_group if groups.cp > 1 else None
+        self.dtype = rt.dtype
+
+    def forward(self, x, e0, context, rope_cos, rope_sin, num_tokens: int):
+        """x [s, b, dim] fp32; e0 [s or 1, b, 6, dim] fp32; context [512, b, dim] in the TP region."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unbind(2)
+        h = (self.norm1(x) * (1 + scale1) + shift1).to(self.dtype)
+        x = x + self.self_attn(h, (rope_cos, rope_sin), self.cp_group, num_tokens).float() * gate1
+        x = x + self.cross_attn(self.norm3(x).to(self.dtype), context).float()
+        h = (self.norm2(x) * (1 + scale2) + shift2).to(self.dtype)
+        return x + self.ffn(h).float() * gate2
+
+
+class WanDiT(nn.Module):
+    """Wan 2.2 DiT for one TP x CP x DP layout.
+
+    forward(latents [B, C, F, H, W], timestep [B] or per-token [B, L], text [B, <=text_len, text_dim])
+    returns the velocity [B, C_out, F, H, W], complete on every rank.
+    """
+
+    def __init__(self, config: WanDiTConfig, groups: ParallelGroups | None = None,
+                 runtime: DiTRuntime | None = None):
+        super().__init__()
+        groups = groups or parallel_state.get_groups()
+        rt = runtime or DiTRuntime()
+        groups.layout.validate(config.num_heads)
+        check_backend(rt.attention_backend)
+        linear_impl = resolve_linear_impl(rt.linear_impl)
+        self.config, self.groups, self.runtime = config, groups, rt
+        self.sequence_parallel = rt.sequence_parallel and groups.tp > 1
+        mp_config = ModelParallelConfig(
+            tensor_model_parallel_size=groups.tp, context_parallel_size=groups.cp,
+            sequence_parallel=self.sequence_parallel, params_dtype=rt.dtype,
+            # CPU init builds each full weight from one RNG stream, then slices it: the same model for
+            # every TP layout. On GPUs megatron initialises shards in place (RNG tracker).
+            use_cpu_initialization=groups.device.type == "cpu",
+            perform_initialization=rt.init_weights, gradient_accumulation_fusion=False,
+        )
+        d = config.dim
+        self.patch_embedding = PatchEmbedding(config.in_channels, d, config.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(config.text_dim, d), nn.GELU(approximate="tanh"),
+                                            nn.Linear(d, d))
+        self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.blocks = nn.ModuleList(WanBlock(config, mp_config, groups, rt, linear_impl)
+                                    for _ in range(config.num_layers))
+        self.head = WanHead(d, config.out_channels * config.patch_features, config.eps)
+        self._tag_replicated_params()
+        self.to(groups.device)
+
+    def _tag_replicated_params(self) -> None:
+        """Mark replicated params whose grads are partial sums over this rank's sequence shard.
+
+        The text embedder is the exception: it sees the whole text on every rank and its output
+        grad is all-reduced over TP on entering the TP region, so its grads are already complete
+        within a CP rank.
+        """
+        text_params = {id(p) for p in self.text_embedding.parameters()}
+        for p in self.parameters():
+            if getattr(p, "tensor_model_parallel", False) or id(p) in text_params:
+                continue
+            p.sequence_parallel = self.sequence_parallel
+
+    # ---- forward pieces -------------------------------------------------------------------------
+
+    def _check_inputs(self, latents, timestep, text) -> tuple[int, int, int]:
+        cfg = self.config
+        if latents.ndim != 5 or latents.shape[1] != cfg.in_channels:
+            raise ValueError(f"latents must be [B, {cfg.in_channels}, F, H, W], got {tuple(latents.shape)}")
+        b = latents.shape[0]
+        grid = []
+        for size, p, name in zip(latents.shape[2:], cfg.patch_size, "FHW"):
+            if size % p:
+                raise ValueError(f"latent {name}={size} is not divisible by patch size {p}")
+            grid.append(size // p)
+        num_tokens = grid[0] * grid[1] * grid[2]
+        if timestep.shape not in ((b,), (b, num_tokens)):
+            raise ValueError(f"timestep must be [B]={b} or per-token [B, L]=[{b}, {num_tokens}], "
+                             f"got {tuple(timestep.shape)}")
+        if text.ndim != 3 or text.shape[0] != b or text.shape[2] != cfg.text_dim or text.shape[1] > cfg.text_len:
+            raise ValueError(f"text must be [B={b}, <= {cfg.text_len}, {cfg.text_dim}], got {tuple(text.shape)}")
+        return tuple(grid)
+
+    def _shards(self, num_tokens: int) -> TokenShards:
+        g = self.groups
+        return TokenShards(num_tokens, g.tp, g.cp, g.tp_rank, g.cp_rank, self.sequence_parallel,
+                           g.tp_group, g.cp_group)
+
+    def _patchify(self, latents: torch.Tensor, grid) -> torch.Tensor:
+        """[B, C, F, H, W] -> [L, B, C*pt*ph*pw], tokens in (frame, row, col) order."""
+        b, c = latents.shape[:2]
+        (pt, ph, pw), (f, h, w) = self.config.patch_size, grid
+        x = latents.reshape(b, c, f, pt, h, ph, w, pw).permute(2, 4, 6, 0, 1, 3, 5, 7)
+        return x.reshape(f * h * w, b, c * pt * ph * pw)
+
+    def _unpatchify(self, x: torch.Tensor, grid) -> torch.Tensor:
+        """[L, B, pt*ph*pw*C] (features ordered (pt, ph, pw, c)) -> [B, C, F, H, W]."""
+        (pt, ph, pw), (f, h, w) = self.config.patch_size, grid
+        b = x.shape[1]
+        x = x.reshape(f, h, w, b, pt, ph, pw, -1).permute(3, 7, 0, 4, 1, 5, 2, 6)
+        return x.reshape(b, -1, f * pt, h * ph, w * pw)
+
+    def _time_embeddings(self, timestep: torch.Tensor, shards: TokenShards):
+        """e [s or 1, B, dim] and e0 [s or 1, B, 6, dim] for this rank's tokens, fp32."""
+        if timestep.ndim == 1:
+            t = timestep[None, :]
+        else:  # per-token: only this rank's tokens (the [L, 6, dim] modulation is never materialised whole)
+            start, end = shards.local_range
+            t = shards.pad(timestep.t())[start:end]
+        e = self.time_embedding(timestep_sinusoid(t, self.config.freq_dim).float())
+        e0 = self.time_projection(e).unflatten(-1, (6, self.config.dim))
+        return e, e0
+
+    def _text_context(self, text: torch.Tensor) -> torch.Tensor:
+        """[B, Lt, text_dim] -> [text_len, B, dim] (zero-padded to text_len), entered in the TP region."""
+        cfg = self.config
+        text = text.float().transpose(0, 1)
+        if text.shape[0] < cfg.text_len:
+            text = torch.cat([text, text.new_zeros(cfg.text_len - text.shape[0], *text.shape[1:])])
+        context = self.text_embedding(text).to(self.runtime.dtype)
+        if self.groups.tp > 1:
+            from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+
+            # One all-reduce of the context grad for all blocks (instead of one per block).
+            context = copy_to_tensor_model_parallel_region(context, group=self.groups.tp_group)
+        return context
+
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        grid = self._check_inputs(latents, timestep, text)
+        shards = self._shards(grid[0] * grid[1] * grid[2])
+        x = shards.scatter(shards.pad(self._patchify(latents.float(), grid)))
+        x = self.patch_embedding(x)
+        e, e0 = self._time_embeddings(timestep, shards)
+        context = self._text_context(text)
+        start, end = shards.cp_chunk
+        cos, sin = rope_tables(self.config.head_dim, grid, start, end, shards.num_tokens,
+                               self.config.rope_theta, device=x.device)
+        for block in self.blocks:
+            if self.runtime.activation_checkpointing and self.training:
+                x = checkpoint(block, x, e0, context, cos, sin, shards.num_tokens, use_reentrant=False)
+            else:
+                x = block(x, e0, context, cos, sin, shards.num_tokens)
+        out = shards.gather(self.head(x, e))[: shards.num_tokens]
+        return self._unpatchify(out, grid)
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, groups: ParallelGroups | None = None,
+                        runtime: DiTRuntime | None = None) -> "WanDiT":
+        """Build the model for the current layout from a released checkpoint directory and load it.
+
+        Reads ``config.json`` (official or diffusers), detects the key layout, and reads only this
+        rank's TP slices of each tensor (lazy safetensors slicing).
+        """
+        from dataclasses import replace
+
+        from megawan.checkpoint.dit_io import load_dit_weights
+
+        config = WanDiTConfig.load(path)
+        runtime = replace(runtime or DiTRuntime(), dtype=dtype)
+        model = cls(config, groups, replace(runtime, init_weights=False))
+        load_dit_weights(model, path)
+        return model
+
+    def save_pretrained(self, path, layout: str = "official", max_shard_bytes: int = 5 * 2**30) -> None:
+        """Write the full model (gathered over TP) in the official or diffusers layout, from rank 0."""
+        from megawan.checkpoint.dit_io import save_dit_weights
+
+        save_dit_weights(self, path, layout=layout, max_shard_bytes=max_shard_bytes)
+

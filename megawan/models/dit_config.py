@@ -1,0 +1,123 @@
+"""Architecture of the Wan DiT (``WanDiTConfig``) and how one run executes it (``DiTRuntime``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+@dataclass(frozen=True)
+class WanDiTConfig:
+    """Defaults are Wan 2.2 TI2V-5B."""
+
+    dim: int = 3072
+    ffn_dim: int = 14336
+    num_heads: int = 24
+    num_layers: int = 30
+    in_channels: int = 48
+    out_channels: int = 48
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    freq_dim: int = 256
+    text_dim: int = 4096
+    text_len: int = 512
+    eps: float = 1e-6
+    rope_theta: float = 10000.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "patch_size", tuple(self.patch_size))
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        if (self.dim // self.num_heads) % 2:
+            raise ValueError(f"head_dim {self.dim // self.num_heads} must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def patch_features(self) -> int:
+        pt, ph, pw = self.patch_size
+        return pt * ph * pw
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "WanDiTConfig":
+        """Accept megawan's own keys, the official release's config.json or diffusers' config.json."""
+        if "num_attention_heads" in d:  # diffusers WanTransformer3DModel
+            d = {"dim": d["num_attention_heads"] * d["attention_head_dim"], "num_heads": d["num_attention_heads"],
+                 "ffn_dim": d["ffn_dim"], "num_layers": d["num_layers"], "in_channels": d["in_channels"],
+                 "out_channels": d["out_channels"], "patch_size": d.get("patch_size", (1, 2, 2)),
+                 "freq_dim": d["freq_dim"], "text_dim": d["text_dim"], "eps": d["eps"]}
+        elif "in_dim" in d:  # official WanModel
+            d = {"dim": d["dim"], "num_heads": d["num_heads"], "ffn_dim": d["ffn_dim"],
+                 "num_layers": d["num_layers"], "in_channels": d["in_dim"], "out_channels": d["out_dim"],
+                 "patch_size": d.get("patch_size", (1, 2, 2)), "freq_dim": d["freq_dim"],
+                 "text_dim": d.get("text_dim", 4096), "text_len": d.get("text_len", 512), "eps": d["eps"]}
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown WanDiTConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def load(cls, name_or_path: str | Path) -> "WanDiTConfig":
+        """A JSON file, a checkpoint directory holding config.json, or a name under configs/."""
+        p = Path(name_or_path)
+        if p.is_dir():
+            p = p / "config.json"
+        elif not p.exists():
+            p = CONFIG_DIR / f"{name_or_path}.json"
+        if not p.exists():
+            raise FileNotFoundError(f"no DiT config at {name_or_path!r} (nor {p})")
+        d = json.loads(p.read_text())
+        d = d.get("dit", d)
+        return cls.from_dict({k: v for k, v in d.items() if not k.startswith("_")
+                              and k not in _IGNORED_RELEASE_KEYS})
+
+    def to_official(self) -> dict:
+        return {"_class_name": "WanModel", "model_type": "ti2v", "dim": self.dim, "ffn_dim": self.ffn_dim,
+                "num_heads": self.num_heads, "num_layers": self.num_layers, "in_dim": self.in_channels,
+                "out_dim": self.out_channels, "patch_size": list(self.patch_size), "freq_dim": self.freq_dim,
+                "text_dim": self.text_dim, "text_len": self.text_len, "eps": self.eps,
+                "window_size": [-1, -1], "qk_norm": True, "cross_attn_norm": True}
+
+    def to_diffusers(self) -> dict:
+        return {"_class_name": "WanTransformer3DModel", "num_attention_heads": self.num_heads,
+                "attention_head_dim": self.head_dim, "ffn_dim": self.ffn_dim, "num_layers": self.num_layers,
+                "in_channels": self.in_channels, "out_channels": self.out_channels,
+                "patch_size": list(self.patch_size), "freq_dim": self.freq_dim, "text_dim": self.text_dim,
+                "eps": self.eps, "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads",
+                "rope_max_seq_len": 1024}
+
+
+# Release config keys that describe behaviour megawan implements fixed (validated elsewhere) or
+# that belong to the pipeline rather than the DiT.
+_IGNORED_RELEASE_KEYS = {"model_type", "window_size", "qk_norm", "cross_attn_norm", "rope_max_seq_len",
+                         "image_dim", "added_kv_proj_dim", "pos_embed_seq_len", "rope_max_seq_len",
+                         "_diffusers_version"}
+
+
+@dataclass(frozen=True)
+class DiTRuntime:
+    """How the model runs: precision, parallel switches and kernels (not part of the architecture).
+
+    dtype: dtype of the attention/FFN GEMM weights; embeddings, modulation, norms, the head and the
+        residual stream stay fp32 as in the release.
+    sequence_parallel: Megatron SP on the residual stream (only meaningful with tp > 1).
+    linear_impl: "auto" | "local" (megatron-core) | "te" (Transformer Engine).
+    attention_backend: "auto" | "torch" | "flash" | "te".
+    activation_checkpointing: recompute each block in backward.
+    init_weights: initialise the parallel linears (off when weights are loaded right after).
+    """
+
+    dtype: torch.dtype = torch.float32
+    sequence_parallel: bool = True
+    linear_impl: str = "auto"
+    attention_backend: str = "auto"
+    activation_checkpointing: bool = False
+    init_weights: bool = True
