@@ -1,0 +1,119 @@
+"""VAE38 on one process: parity with diffusers' AutoencoderKLWan, checkpoint layouts, input validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megawan.models.vae import LATENTS_MEAN, LATENTS_STD, WanVAE38, WanVAE38Config
+
+TOL = 1e-5
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """A random tiny diffusers VAE in the Wan 2.2 configuration, and ours loaded from its folder."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    ref = diffusers.AutoencoderKLWan(
+        base_dim=8, decoder_base_dim=16, z_dim=48, is_residual=True, in_channels=12, out_channels=12,
+        patch_size=2, scale_factor_spatial=16, temperal_downsample=[False, True, True],
+        latents_mean=list(LATENTS_MEAN), latents_std=list(LATENTS_STD)).eval()
+    folder = tmp_path_factory.mktemp("vae_diffusers")
+    ref.save_pretrained(folder)
+    return ref, WanVAE38.from_pretrained(folder), folder
+
+
+def _stats():
+    return torch.tensor(LATENTS_MEAN).view(1, 48, 1, 1, 1), torch.tensor(LATENTS_STD).view(1, 48, 1, 1, 1)
+
+
+@pytest.mark.parametrize("frames", [1, 9, 17])
+def test_matches_diffusers(reference, frames):
+    ref, ours, _ = reference
+    assert ours.config == WanVAE38Config.tiny()
+    torch.manual_seed(frames)
+    video = torch.rand(1, 3, frames, 64, 48) * 2 - 1  # H != W catches transposed patchify/tiles
+    mean, std = _stats()
+    with torch.no_grad():
+        mu = ref.encode(video).latent_dist.mode()
+        video_ref = ref.decode(mu).sample
+    latents = ours.encode(video)
+    assert latents.shape == (1, 48, (frames - 1) // 4 + 1, 4, 3)
+    assert rel_err(latents, (mu - mean) / std) <= TOL
+    decoded = ours.decode((mu - mean) / std)
+    assert decoded.shape == video.shape
+    assert (decoded.abs() < 1).float().mean() > 0.9, "outputs saturated by the clamp: comparison too weak"
+    assert rel_err(decoded, video_ref) <= TOL
+    print(f"T={frames}: encode rel err {rel_err(latents, (mu - mean) / std):.2e}, "
+          f"decode rel err {rel_err(decoded, video_ref):.2e}")
+
+
+def test_official_and_diffusers_layouts_load_identically(reference, tmp_path):
+    _, ours, folder = reference
+    official = ours.save_pretrained(tmp_path / "Wan2.2_VAE.pth", layout="official")
+    state = torch.load(official, weights_only=True)
+    assert "encoder.conv1.weight" in state and "decoder.upsamples.0.upsamples.3.time_conv.weight" in state
+    assert "encoder.downsamples.1.downsamples.0.shortcut.weight" in state and "decoder.head.2.bias" in state
+    from_official = WanVAE38.from_pretrained(official)
+    from_diffusers = WanVAE38.from_pretrained(folder)
+    assert from_official.config == from_diffusers.config
+    torch.manual_seed(1)
+    video = torch.rand(1, 3, 5, 32, 32) * 2 - 1
+    a, b = from_official.encode(video), from_diffusers.encode(video)
+    assert torch.equal(a, b)
+    assert torch.equal(from_official.decode(a), from_diffusers.decode(b))
+
+
+def test_released_size_and_key_counts():
+    with torch.device("meta"):
+        vae = WanVAE38()
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert (count(vae), count(vae.encoder), count(vae.decoder)) == (704_688_668, 149_627_776, 555_049_228)
+
+
+def test_frame_groups_and_streaming_match(reference):
+    _, ours, _ = reference
+    torch.manual_seed(2)
+    latents = torch.randn(1, 48, 4, 2, 3)
+    whole = ours.decode(latents)
+    grouped = ours.decode(latents, frames_per_step=2)
+    assert rel_err(grouped, whole) <= TOL
+    pieces = list(ours.iter_decode(latents))
+    assert [p.shape[2] for p in pieces] == [1, 4, 4, 4]
+    assert torch.equal(torch.cat(pieces, dim=2), whole)
+
+
+def test_bad_inputs_are_refused(reference):
+    _, ours, _ = reference
+    with pytest.raises(ValueError, match="channels"):
+        ours.encode(torch.zeros(1, 4, 5, 32, 32))
+    with pytest.raises(ValueError, match="4n"):
+        ours.encode(torch.zeros(1, 3, 8, 32, 32))
+    with pytest.raises(ValueError, match="multiples of 16"):
+        ours.encode(torch.zeros(1, 3, 5, 40, 32))
+    with pytest.raises(ValueError, match=r"\[B, 3, T, H, W\]"):
+        ours.encode(torch.zeros(3, 5, 32, 32))
+    with pytest.raises(ValueError, match="expects 48"):
+        ours.decode(torch.zeros(1, 16, 2, 2, 2))
+
+
+def test_bad_checkpoints_name_the_key(reference, tmp_path):
+    _, ours, _ = reference
+    official = ours.save_pretrained(tmp_path / "Wan2.2_VAE.pth", layout="official")
+    state = torch.load(official, weights_only=True)
+    del state["decoder.middle.1.to_qkv.weight"]
+    torch.save(state, tmp_path / "missing.pth")
+    with pytest.raises(KeyError, match="decoder.middle.1.to_qkv.weight"):
+        WanVAE38.from_pretrained(tmp_path / "missing.pth")
+    state = torch.load(official, weights_only=True)
+    state["encoder.head.2.bias"] = torch.zeros(7)
+    torch.save(state, tmp_path / "shape.pth")
+    with pytest.raises(ValueError, match="encoder.head.2.bias"):
+        WanVAE38.from_pretrained(tmp_path / "shape.pth")
+    with pytest.raises(FileNotFoundError):
+        WanVAE38.from_pretrained(tmp_path / "nowhere")
