@@ -1,0 +1,93 @@
+"""A DataLoader wrapper that knows how far the epoch got (for checkpoints) and what was skipped.
+
+Decoding runs in loader workers; ``timeout_s`` turns a hung worker into an error instead of a hung job
+(a worker that dies is reported by the DataLoader itself). Bad-input counts from the dataset's own checks
+and from the workers (they travel inside batches) add up in ``skip_counts``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+import torch.utils.data
+
+from megawan.data.sampler import DistributedClipSampler
+
+
+def collate_samples(samples: list[dict]) -> dict:
+    """Stack tensors, turn ints into int64 tensors, keep strings as lists, merge the skip lists."""
+    batch: dict = {"num_samples": len(samples), "skipped": Counter()}
+    for sample in samples:
+        batch["skipped"].update(sample.get("skipped", ()))
+    for key in samples[0]:
+        if key == "skipped":
+            continue
+        values = [s[key] for s in samples]
+        if isinstance(values[0], torch.Tensor):
+            batch[key] = torch.stack(values)
+        elif isinstance(values[0], (int, float)):
+            batch[key] = torch.tensor(values)
+        else:
+            batch[key] = values
+    return batch
+
+
+class ClipLoader:
+    """Iterate one epoch per ``for`` loop; ``state_dict`` / ``load_state_dict`` resume mid-epoch.
+
+    The resume point counts samples handed to the caller, not samples the workers have prefetched, so
+    restoring a checkpoint replays exactly the samples after the last batch the trainer saw.
+    """
+
+    def __init__(self, dataset, sampler: DistributedClipSampler, *, batch_size: int, num_workers: int = 0,
+                 timeout_s: float = 300.0, prefetch_factor: int | None = 2, pin_memory: bool = False,
+                 multiprocessing_context: str | None = None):
+        self.dataset, self.sampler, self.timeout_s = dataset, sampler, timeout_s
+        if multiprocessing_context is None and getattr(dataset, "backend", None) == "pynvvideocodec":
+            multiprocessing_context = "spawn"  # CUDA cannot be initialised in forked workers
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+            collate_fn=collate_samples, pin_memory=pin_memory, drop_last=False,
+            timeout=timeout_s if num_workers > 0 else 0,
+            prefetch_factor=prefetch_factor if num_workers > 0 else None,
+            persistent_workers=num_workers > 0,
+            multiprocessing_context=multiprocessing_context if num_workers > 0 else None,
+        )
+        self.skip_counts: Counter[str] = Counter(getattr(getattr(dataset, "report", None), "counts", {}))
+        self._position = sampler.offset
+
+    def __len__(self) -> int:
+        return -(-len(self.sampler) // self.loader.batch_size)
+
+    def __iter__(self):
+        self._position = self.sampler.offset
+        finished = False
+        try:
+            for batch in self._batches():
+                self._position += batch["num_samples"]
+                self.skip_counts.update(batch.pop("skipped"))
+                yield batch
+            finished = True
+        finally:
+            if finished:
+                self.sampler.set_epoch(self.sampler.epoch + 1)
+            else:  # the caller stopped early: the next loop continues where it stopped
+                self.sampler.offset = self._position
+            self._position = self.sampler.offset
+
+    def _batches(self):
+        try:
+            yield from self.loader
+        except RuntimeError as e:
+            if "timed out" in str(e):
+                raise RuntimeError(f"data loader: no batch within {self.timeout_s}s from "
+                                   f"{self.loader.num_workers} workers (a decoder hung or a file blocks)") from e
+            raise
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict(consumed=self._position)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+        self._position = self.sampler.offset

@@ -1,0 +1,1 @@
+"""Command-line tools: sample data generation and latent precompute."""
