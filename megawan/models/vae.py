@@ -184,9 +184,6 @@ class WanVAE38(nn.Module):
         std = torch.tensor(self.config.latents_std, dtype=like.dtype, device=like.device).view(shape)
         return mean, std
 
-    def _param(self) -> torch.Tensor:
-        return self.quant_conv.weight
-
     # ---- encode ------------------------------------------------------------------------------------
     def _check_video(self, video: torch.Tensor, band_input: bool) -> None:
         what = "video band" if band_input else "video"
@@ -217,7 +214,7 @@ class WanVAE38(nn.Module):
                               stats=stats, device=video.device)
         if not band_input:
             video = part.take_tile(video, SPATIAL_FACTOR)
-        param = self._param()
+        param = self.quant_conv.weight
         x = patchify(video.to(device=param.device, dtype=param.dtype))
         ctx = StreamContext(part)
         latents = []
@@ -253,7 +250,7 @@ class WanVAE38(nn.Module):
                               stats=stats, device=latents.device)
         if not band_input:
             latents = part.take_tile(latents, 1)
-        param = self._param()
+        param = self.post_quant_conv.weight  # decode-only models may leave the encoder unallocated
         z = latents.to(device=param.device, dtype=param.dtype)
         mean, std = self._latent_stats(z)
         z = z * std + mean
