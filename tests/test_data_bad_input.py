@@ -1,0 +1,134 @@
+"""Bad input: corrupt / truncated mp4, states length mismatch, short segments, NaN states, hung or dead
+loader workers. Each is reported with file and frame, then skipped and counted or raised, per policy."""
+
+import os
+import time
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from megawan.data import (BadInputError, ClipLoader, DistributedClipSampler, WorldModel1XConfig,
+                          WorldModel1XDataset)
+from megawan.tools.make_sample_data import make_sample_data, write_video
+
+FRAMES = 80
+
+
+@pytest.fixture
+def split(tmp_path):
+    root = make_sample_data(tmp_path, train_shards=3, val_shards=0, frames_per_shard=FRAMES, size=32, gop=8,
+                            min_segment=20, max_segment=40, captioned_videos=0, workers=2)
+    return root / "train_v2.0_raw"
+
+
+def build(split, policy="skip", **kw):
+    return WorldModel1XDataset(WorldModel1XConfig(str(split), clip_frames=5, bad_input=policy, **kw))
+
+
+def test_clean_data_has_no_reports_but_short_tail_segments(split):
+    ds = build(split)
+    assert set(ds.report.counts) <= {"short_segment"}
+    assert len(ds.shards) == 3
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_unreadable_video_skips_the_shard_or_raises(split, damage):
+    video = split / "videos" / "video_1.mp4"
+    data = video.read_bytes()
+    video.write_bytes(os.urandom(4096) if damage == "garbage" else data[: len(data) // 2])
+    ds = build(split)
+    assert ds.report.counts["unreadable_video"] == 1
+    assert [s.index for s in ds.shards] == [0, 2]
+    with pytest.raises(BadInputError, match="video_1.mp4") as err:
+        build(split, "raise")
+    assert err.value.kind == "unreadable_video"
+
+
+def test_truncated_stream_fails_at_the_missing_frame_and_is_replaced(split):
+    """moov atom first (faststart): the header still promises every frame, the data for the tail is gone."""
+    video = split / "videos" / "video_0.mp4"
+    with av.open(str(video)) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    write_video(video, frames, gop=8, faststart=True)
+    data = video.read_bytes()
+    video.write_bytes(data[: int(len(data) * 0.5)])
+
+    ds = build(split)
+    assert len(ds.shards) == 3  # the header looks whole
+    late = [c for c in range(len(ds)) if ds.index.locate(c)[0] == 0 and ds.index.locate(c)[1] > 60]
+    sample = ds[late[0]]
+    assert sample["skipped"] and set(sample["skipped"]) == {"decode_error"}
+    assert not (sample["shard"] == 0 and sample["first_frame"] > 60)  # a replacement clip
+    raising = build(split, "raise")
+    with pytest.raises(BadInputError, match=r"video_0.mp4 at frame \d+") as err:
+        raising[late[0]]
+    assert err.value.frame >= 40
+
+    sampler = DistributedClipSampler(len(ds), dp_rank=0, dp_size=1, shuffle=False)
+    loader = ClipLoader(ds, sampler, batch_size=8, num_workers=2, timeout_s=60)
+    total = sum(b["num_samples"] for b in loader)
+    assert total == len(ds)  # every step still gets a full batch
+    assert loader.skip_counts["decode_error"] >= 1  # counted in workers, summed in the main process
+
+
+def test_states_length_mismatch_is_reported_with_the_file(split):
+    states = split / "robot_states" / "states_2.bin"
+    np.fromfile(states, np.float32)[: (FRAMES - 3) * 25].tofile(states)
+    ds = build(split)
+    assert ds.report.counts["length_mismatch"] == 1 and [s.index for s in ds.shards] == [0, 1]
+    with pytest.raises(BadInputError, match=r"states_2.bin at frame 77.*states 77"):
+        build(split, "raise")
+
+
+def test_short_segments_and_nan_states(split):
+    ids_path = split / "segment_indices" / "segment_idx_0.bin"
+    ids = np.fromfile(ids_path, np.int32)
+    ids[10:13] = 999  # a 3-frame segment: shorter than a 5-frame clip
+    ids.tofile(ids_path)
+    states_path = split / "robot_states" / "states_1.bin"
+    states = np.fromfile(states_path, np.float32).reshape(FRAMES, 25)
+    states[[30, 31, 50], 4] = np.nan
+    states.tofile(states_path)
+
+    ds = build(split)
+    assert ds.report.counts["nan_states"] == 3
+    assert ds.report.counts["short_segment"] >= 1
+    for clip in range(len(ds)):
+        position, first = ds.index.locate(clip)
+        shard = ds.shards[position].index
+        assert not (shard == 0 and first < 13 and first + 5 > 10)  # nothing over the short segment
+        assert not (shard == 1 and any(first <= r < first + 5 for r in (30, 31, 50)))
+        if clip % 7 == 0:
+            assert np.isfinite(ds[clip]["states"].numpy()).all()
+    with pytest.raises(BadInputError, match="segment_idx_0.bin at frame"):
+        build(split, "raise")
+
+
+class _Stuck(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        if i == 5:
+            time.sleep(600)
+        return {"x": torch.tensor([i])}
+
+
+class _Dies(_Stuck):
+    def __getitem__(self, i):
+        if i == 5:
+            os._exit(3)
+        return {"x": torch.tensor([i])}
+
+
+@pytest.mark.parametrize("dataset,message", [(_Stuck(), "no batch within 3"), (_Dies(), "exited unexpectedly")])
+def test_a_worker_never_hangs_the_job(dataset, message):
+    sampler = DistributedClipSampler(8, dp_rank=0, dp_size=1, shuffle=False)
+    loader = ClipLoader(dataset, sampler, batch_size=2, num_workers=2, timeout_s=3)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=message):
+        for _ in loader:
+            pass
+    assert time.monotonic() - start < 30
