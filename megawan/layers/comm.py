@@ -92,8 +92,9 @@ def slice_dim0(x: torch.Tensor, group) -> torch.Tensor:
 
 def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
     """all_to_all_single on dim 0 of a contiguous tensor whose dim 0 has world-size chunks."""
+    x = x.contiguous()  # empty_like would copy a non-contiguous layout that the collective ignores
     out = torch.empty_like(x)
-    dist.all_to_all_single(out, x.contiguous(), group=group)
+    dist.all_to_all_single(out, x, group=group)
     return out
 
 

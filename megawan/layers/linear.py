@@ -18,6 +18,7 @@ import importlib.util
 import torch
 from megatron.core import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
@@ -46,6 +47,13 @@ def _xavier(w: torch.Tensor) -> torch.Tensor:
     return torch.nn.init.xavier_uniform_(w)
 
 
+def _with_tp_identity(layer, weight_dim: int):
+    """megatron tags a weight's split dim only when it initialises it: tag it in every case."""
+    if not hasattr(layer.weight, "tensor_model_parallel"):
+        set_tensor_model_parallel_attributes(layer.weight, True, weight_dim, 1)
+    return layer
+
+
 def column_parallel(in_features: int, out_features: int, config: ModelParallelConfig, tp_group, impl: str):
     """Weight split on dim 0 (output features); input must already be in the TP region."""
     no_sp = dataclasses.replace(config, sequence_parallel=False)
@@ -53,8 +61,6 @@ def column_parallel(in_features: int, out_features: int, config: ModelParallelCo
         # TE's column layer would all-reduce the input grad itself; megawan already did that on
         # entering the TP region, so this rank's shard is a plain ("duplicated") TE GEMM.
         from megatron.core.extensions.transformer_engine import TELinear
-        from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
-
         tp = config.tensor_model_parallel_size
         layer = TELinear(in_features, out_features // tp, parallel_mode="duplicated", config=no_sp,
                          init_method=_xavier, bias=True, skip_bias_add=False,
@@ -65,8 +71,9 @@ def column_parallel(in_features: int, out_features: int, config: ModelParallelCo
                     delattr(p, attr)
             set_tensor_model_parallel_attributes(p, True, 0, 1)
         return layer
-    return ColumnParallelLinear(in_features, out_features, config=no_sp, init_method=_xavier, bias=True,
-                                gather_output=False, disable_grad_reduce=True, tp_group=tp_group)
+    layer = ColumnParallelLinear(in_features, out_features, config=no_sp, init_method=_xavier, bias=True,
+                                 gather_output=False, disable_grad_reduce=True, tp_group=tp_group)
+    return _with_tp_identity(layer, weight_dim=0)
 
 
 def row_parallel(in_features: int, out_features: int, config: ModelParallelConfig, tp_group, impl: str):
@@ -77,8 +84,9 @@ def row_parallel(in_features: int, out_features: int, config: ModelParallelConfi
         return TERowParallelLinear(in_features, out_features, config=config, init_method=_xavier, bias=True,
                                    input_is_parallel=True, skip_bias_add=False, is_expert=False,
                                    tp_group=tp_group)
-    return RowParallelLinear(in_features, out_features, config=config, init_method=_xavier, bias=True,
-                             input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
+    layer = RowParallelLinear(in_features, out_features, config=config, init_method=_xavier, bias=True,
+                              input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
+    return _with_tp_identity(layer, weight_dim=1)
 
 
 def enter_tp_region(x: torch.Tensor, config: ModelParallelConfig, tp_group) -> torch.Tensor:

@@ -7,6 +7,7 @@ A rank that raises fails the call with its traceback; a hang fails it after ``ti
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import traceback
@@ -37,7 +38,10 @@ def _worker(rank, world_size, port, backend, fn, args, kwargs, queue):
     torch.set_num_threads(1)
     try:
         result = fn(*args, **kwargs)
-        queue.put((rank, "ok", result))
+        # Serialise to bytes: tensors sent through a Queue use shared memory that dies with this rank.
+        buf = io.BytesIO()
+        torch.save(result, buf)
+        queue.put((rank, "ok", buf.getvalue()))
     except BaseException:  # noqa: BLE001 - report every failure to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -75,7 +79,7 @@ def run_distributed(fn, world_size: int, *args, timeout_s: float = 600, **kwargs
                               f"{sorted(set(range(world_size)) - set(results))}")
                 break
             if status == "ok":
-                results[rank] = payload
+                results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
             else:
                 errors.append(f"rank {rank} failed:\n{payload}")
                 break  # the others may now block on a collective: stop them

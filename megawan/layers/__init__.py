@@ -1,0 +1,1 @@
+"""Parallel building blocks of megawan's models (DiT layers; VAE layers prefixed vae_)."""
