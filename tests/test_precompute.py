@@ -1,0 +1,106 @@
+"""Latent cache: cached latents equal a direct VAE encode, text embeddings padded like Wan, resumable
+precompute that skips finished shards, and a 2-rank spatially sharded run equal to one process."""
+
+import json
+
+import pytest
+import torch
+
+from megawan.data import CaptionedFolderConfig, CaptionedVideoFolder, WorldModel1XConfig, WorldModel1XDataset
+from megawan.data.latent_cache import LatentCacheDataset, shard_name
+from megawan.data.text_encoder import UMT5TextEncoder, save_tiny_umt5
+from megawan.models.vae import WanVAE38, WanVAE38Config
+from megawan.testing import run_distributed
+from megawan.tools.make_sample_data import make_sample_data
+from megawan.tools.precompute import main as precompute_main
+from megawan.tools.precompute import precompute
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pre")
+    make_sample_data(root / "data", train_shards=2, val_shards=0, frames_per_shard=60, size=32, gop=8,
+                     min_segment=20, max_segment=40, captioned_videos=3, workers=2)
+    torch.manual_seed(0)
+    vae = WanVAE38(WanVAE38Config.tiny()).eval()
+    vae.save_pretrained(root / "vae")
+    save_tiny_umt5(root / "umt5")
+    return root, vae, UMT5TextEncoder(root / "umt5", dtype=torch.float32)
+
+
+def world_model_source(root):
+    return WorldModel1XDataset(WorldModel1XConfig(str(root / "data" / "train_v2.0_raw"), clip_frames=5,
+                                                  window_hop=8))
+
+
+def test_cache_round_trip_equals_direct_encode(assets, tmp_path):
+    root, vae, text = assets
+    source = world_model_source(root)
+    index = precompute(source, tmp_path / "c", vae=vae, text_encoder=text, samples_per_shard=4, max_samples=10,
+                       progress=False)
+    assert index["num_samples"] == 10 and [s["num_samples"] for s in index["shards"]] == [4, 4, 2]
+    cache = LatentCacheDataset(tmp_path / "c")
+    empty = text.encode([""])[0]
+    for i in range(10):
+        sample, clip = cache[i], source[i]
+        direct = vae.encode(clip["video"][None])[0]
+        assert sample["latents"].shape == (48, 2, 2, 2)
+        assert torch.equal(sample["latents"], direct)
+        assert torch.equal(sample["states"], clip["states"])
+        assert (sample["shard"], sample["first_frame"]) == (clip["shard"], clip["first_frame"])
+        assert sample["text_embeds"].shape == (512, 32) and sample["text_length"] == empty.shape[0]
+        assert torch.equal(sample["text_embeds"][: empty.shape[0]], empty)
+        assert not sample["text_embeds"][empty.shape[0]:].any()
+
+
+def test_rerun_skips_finished_shards_and_refuses_other_settings(assets, tmp_path):
+    root, vae, text = assets
+    source = world_model_source(root)
+    out = tmp_path / "c"
+    precompute(source, out, vae=vae, text_encoder=text, samples_per_shard=4, max_samples=12, progress=False)
+    kept = (out / shard_name(0)).stat().st_mtime_ns
+    before = LatentCacheDataset(out)[5]["latents"]
+    (out / shard_name(1)).unlink()
+    (out / "index.json").unlink()
+    precompute(source, out, vae=vae, text_encoder=text, samples_per_shard=4, max_samples=12, progress=False)
+    assert (out / shard_name(0)).stat().st_mtime_ns == kept  # not rewritten
+    assert torch.equal(LatentCacheDataset(out)[5]["latents"], before)  # shard 1 redone, same values
+    assert not list(out.glob("shards/.*tmp*"))  # no partial files left
+    with pytest.raises(ValueError, match="samples_per_shard"):
+        precompute(source, out, vae=vae, text_encoder=text, samples_per_shard=3, max_samples=12, progress=False)
+
+
+def test_captioned_folder_cache_keeps_each_prompt(assets, tmp_path):
+    root, vae, text = assets
+    source = CaptionedVideoFolder(CaptionedFolderConfig(str(root / "data" / "captioned"), size=(32, 48),
+                                                        clip_frames=5))
+    precompute(source, tmp_path / "c", vae=vae, text_encoder=text, samples_per_shard=2, progress=False)
+    cache = LatentCacheDataset(tmp_path / "c")
+    assert len(cache) == 3 and json.loads((tmp_path / "c" / "index.json").read_text())["text"] == "per_sample"
+    for i in range(3):
+        sample = cache[i]
+        expected = text.encode([source.items[i][1]])[0]
+        assert sample["caption"] == source.items[i][1] and sample["text_length"] == expected.shape[0]
+        assert torch.allclose(sample["text_embeds"][: expected.shape[0]], expected, atol=1e-5)
+        assert not sample["text_embeds"][expected.shape[0]:].any()
+        assert torch.equal(sample["latents"], vae.encode(source[i]["video"][None])[0])
+
+
+def _run_cli(argv):
+    precompute_main(argv)
+
+
+def test_two_ranks_shard_the_vae_and_match_one_process(assets, tmp_path):
+    root, vae, text = assets
+    common = ["--source", "1x", "--data", str(root / "data" / "train_v2.0_raw"), "--vae", str(root / "vae"),
+              "--text-encoder", str(root / "umt5"), "--clip-frames", "5", "--window-hop", "8",
+              "--samples-per-shard", "3", "--max-samples", "7", "--dtype", "float32"]
+    run_distributed(_run_cli, 2, common + ["--out", str(tmp_path / "sharded"), "--vae-shards", "2"],
+                    timeout_s=300)
+    precompute(world_model_source(root), tmp_path / "single", vae=vae, text_encoder=text, samples_per_shard=3,
+               max_samples=7, progress=False)
+    sharded, single = LatentCacheDataset(tmp_path / "sharded"), LatentCacheDataset(tmp_path / "single")
+    assert len(sharded) == len(single) == 7
+    for i in range(7):
+        assert torch.allclose(sharded[i]["latents"], single[i]["latents"], atol=1e-5, rtol=1e-5)
+        assert sharded[i]["first_frame"] == single[i]["first_frame"]
