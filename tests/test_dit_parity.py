@@ -15,7 +15,8 @@ from tests import _dit_workers as workers
 from tests.dit_fixtures import make_case, make_diffusers_reference, rel_err, run_reference
 
 FP32_TOL = 1e-5
-# bf16 GEMMs (fp32 residual, norms, modulation) vs the fp32 reference; measured ~4e-3 at tiny width.
+# bf16 GEMMs (fp32 residual, norms, modulation) vs the fp32 reference: measured 2.0e-3 at TP2 x CP2
+# (tiny width, docs/dit.md); the bound leaves 10x headroom for other CPUs and kernels.
 BF16_TOL = 2e-2
 
 CASES = {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 
@@ -61,6 +63,9 @@ def iter_full_state(model):
 
 def save_dit_weights(model, path, layout: str = "official", max_shard_bytes: int = 5 * 2**30) -> None:
     """Write the whole model in ``layout`` from global rank 0 (every rank must call this)."""
+    path = Path(path)
+    if path.exists() and any(path.iterdir()):  # checked on every rank, before any collective
+        raise FileExistsError(f"refusing to overwrite non-empty directory {path}")
     cfg = model.config
     config = cfg.to_official() if layout == "official" else cfg.to_diffusers()
     tensors = ((to_layout(k, layout), t) for k, t in iter_full_state(model))

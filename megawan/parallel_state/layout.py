@@ -27,7 +27,7 @@ class ParallelLayout:
             )
         if self.world_size % (self.tp * self.cp) != 0:
             raise LayoutError(
-                f"world size {self.world_size} is not divisible by tp*cp = {self.tp}*{self.cp} = "
+                f"world size {self.world_size} is not divisible by tp={self.tp} x cp={self.cp} = "
                 f"{self.tp * self.cp} (rule: world_size % (tp*cp) == 0; dp = world_size / (tp*cp))"
             )
         if num_heads is not None:

@@ -1,0 +1,134 @@
+"""Checkpoint layouts: official == diffusers, bit-exact round trips, TP-sliced loading, clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from megawan.checkpoint.safetensors_dir import CheckpointError
+from megawan.models.dit import DiTRuntime, WanDiT
+from megawan.testing import run_distributed
+from megawan.tools.convert_checkpoint import convert
+from tests.dit_fixtures import make_case, make_diffusers_reference
+
+RT = DiTRuntime(linear_impl="local")
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    make_diffusers_reference().save_pretrained(root / "diffusers")
+    # official layout, written by the converter, in 3 shards like the release
+    convert(root / "diffusers", root / "official", to="official", max_shard_bytes=4 * 2**20)
+    return root
+
+
+def _state(path):
+    return {k: v for f in sorted(path.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def test_official_and_diffusers_loads_are_identical(ckpts):
+    assert len(list((ckpts / "official").glob("*.safetensors"))) >= 3
+    index = json.loads((ckpts / "official" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    assert "blocks.0.self_attn.norm_q.weight" in index["weight_map"] and "head.head.weight" in index["weight_map"]
+    a = WanDiT.from_pretrained(ckpts / "official", runtime=RT)
+    b = WanDiT.from_pretrained(ckpts / "diffusers", runtime=RT)
+    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert na == nb and torch.equal(pa, pb), na
+    x, t, text = make_case(3, 6, 8, True)
+    with torch.no_grad():
+        assert torch.equal(a(x, t, text), b(x, t, text))
+
+
+@pytest.mark.parametrize("layout", ["official", "diffusers"])
+def test_export_import_round_trip_is_bit_exact(ckpts, tmp_path, layout):
+    model = WanDiT.from_pretrained(ckpts / "diffusers", runtime=RT)
+    model.save_pretrained(tmp_path / layout, layout=layout)
+    src = _state(ckpts / ("diffusers" if layout == "diffusers" else "official"))
+    out = _state(tmp_path / layout)
+    assert set(src) == set(out)
+    assert all(torch.equal(src[k], out[k]) for k in src)
+    again = WanDiT.from_pretrained(tmp_path / layout, runtime=RT)
+    for (n, p), (_, q) in zip(model.named_parameters(), again.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_converter_round_trip_and_bf16(ckpts, tmp_path):
+    convert(ckpts / "official", tmp_path / "back", to="diffusers")
+    a, b = _state(ckpts / "diffusers"), _state(tmp_path / "back")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    convert(ckpts / "official", tmp_path / "bf16", to="official", dtype="bf16")
+    m = WanDiT.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16, runtime=RT)
+    ref = _state(ckpts / "official")["blocks.0.self_attn.q.weight"].to(torch.bfloat16)
+    assert torch.equal(m.blocks[0].self_attn.q.weight, ref)
+
+
+def _load_tp_slices(path):
+    from megawan import parallel_state
+
+    groups = parallel_state.initialize(2, 1)
+    m = WanDiT.from_pretrained(path, groups=groups, runtime=RT)
+    return groups.tp_rank, {n: p.detach().clone() for n, p in m.named_parameters()}
+
+
+def test_each_tp_rank_reads_its_slice(ckpts):
+    full = _state(ckpts / "official")
+    results = run_distributed(_load_tp_slices, 2, ckpts / "official")
+    for rank, params in results:
+        q = params["blocks.0.self_attn.q.weight"]  # column-parallel: rows split
+        assert torch.equal(q, full["blocks.0.self_attn.q.weight"].chunk(2, 0)[rank])
+        o = params["blocks.0.self_attn.o.weight"]  # row-parallel: columns split
+        assert torch.equal(o, full["blocks.0.self_attn.o.weight"].chunk(2, 1)[rank])
+        nq = params["blocks.0.self_attn.norm_q.weight"]  # q/k norm weight follows q's split
+        assert torch.equal(nq, full["blocks.0.self_attn.norm_q.weight"].chunk(2, 0)[rank])
+        assert torch.equal(params["blocks.0.ffn.fc2.bias"], full["blocks.0.ffn.2.bias"])  # replicated
+
+
+def test_truncated_shard_is_reported(ckpts, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpts / "official", bad)
+    shard = sorted(bad.glob("*-00002-of-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=shard.name):
+        WanDiT.from_pretrained(bad, runtime=RT)
+
+
+def test_missing_shard_is_reported(ckpts, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpts / "official", bad)
+    shard = sorted(bad.glob("*-00001-of-*.safetensors"))[0]
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=shard.name):
+        WanDiT.from_pretrained(bad, runtime=RT)
+
+
+def test_wrong_shape_is_reported(ckpts, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpts / "diffusers", bad)
+    f = bad / "diffusion_pytorch_model.safetensors"
+    state = load_file(f)
+    state["blocks.1.attn2.to_k.weight"] = state["blocks.1.attn2.to_k.weight"][:, :-4].contiguous()
+    save_file(state, f)
+    with pytest.raises(CheckpointError, match=r"blocks\.1\.attn2\.to_k\.weight.*shape"):
+        WanDiT.from_pretrained(bad, runtime=RT)
+
+
+def test_missing_and_unexpected_keys_are_reported(ckpts, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpts / "diffusers", bad)
+    f = bad / "diffusion_pytorch_model.safetensors"
+    state = load_file(f)
+    state["blocks.0.extra.weight"] = state.pop("blocks.0.norm2.bias")
+    save_file(state, f)
+    with pytest.raises(CheckpointError, match=r"missing keys \[blocks\.0\.norm2\.bias\].*blocks\.0\.extra\.weight"):
+        WanDiT.from_pretrained(bad, runtime=RT)
+
+
+def test_save_refuses_to_overwrite(ckpts):
+    model = WanDiT.from_pretrained(ckpts / "diffusers", runtime=RT)
+    with pytest.raises(FileExistsError):
+        model.save_pretrained(ckpts / "diffusers", layout="diffusers")

@@ -1,0 +1,92 @@
+"""Layout validation (before any compute), launcher environments and the CPU shims."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megawan import parallel_state
+from megawan.parallel_state import LayoutError, ParallelLayout
+from megawan.parallel_state.cpu_compat import CpuRNGStatesTracker
+from megawan.testing import run_distributed
+
+
+@pytest.mark.parametrize("world, tp, cp, rule", [
+    (4, 5, 1, r"world_size % \(tp\*cp\)"),   # 4 ranks cannot hold tp=5
+    (10, 5, 1, r"heads % tp == 0"),           # 24 heads are not divisible by tp=5
+    (16, 4, 4, r"\(heads / tp\) % cp == 0"),  # 24/4 = 6 heads per TP rank, not divisible by cp=4
+    (6, 4, 1, r"world_size % \(tp\*cp\)"),   # world size mismatch
+    (8, 2, 0, r">= 1"),
+])
+def test_bad_layouts_name_the_rule(world, tp, cp, rule):
+    ParallelLayout(8, 4, 2).validate(24)  # a valid TI2V-5B layout passes
+    with pytest.raises(LayoutError, match=rule):
+        ParallelLayout(world, tp, cp).validate(24)
+
+
+def test_initialize_fails_before_any_process_group(monkeypatch):
+    # A 4-rank torchrun environment with tp=5: must fail at once, not wait for other ranks.
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "1")  # nothing listens there: reaching it would hang or fail
+    with pytest.raises(LayoutError, match="tp=5"):
+        parallel_state.initialize(tp=5)
+    with pytest.raises(LayoutError, match="cp=4"):
+        parallel_state.initialize(tp=1, cp=4, num_heads=12 * 4 + 2)  # 50 heads: not divisible by cp=4
+    assert not torch.distributed.is_initialized()
+
+
+def test_model_validates_its_own_head_count():
+    from megawan.models.dit import WanDiT
+    from megawan.models.dit_config import WanDiTConfig
+    from megawan.parallel_state import ParallelGroups
+
+    groups = ParallelGroups(None, None, None, None, None, tp=4, cp=2, dp=1, tp_rank=0, cp_rank=0, dp_rank=0,
+                            device=torch.device("cpu"))
+    cfg = WanDiTConfig(dim=64, ffn_dim=64, num_heads=4, num_layers=1, text_dim=8)
+    with pytest.raises(LayoutError, match=r"\(heads / tp\) % cp == 0"):
+        WanDiT(cfg, groups)
+
+
+def test_slurm_environment(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[003-004,007]")
+    monkeypatch.setenv("SLURM_JOB_ID", "123456")
+    env = parallel_state.launch_env()
+    assert env == {"rank": 5, "world_size": 8, "local_rank": 1, "master_addr": "gpu003",
+                   "master_port": str(20000 + 123456 % 20000)}
+
+
+def test_cpu_rng_tracker_forks_reproducibly():
+    tracker = CpuRNGStatesTracker()
+    tracker.add("model-parallel-rng", 7)
+    before = torch.get_rng_state()
+    with tracker.fork():
+        a = torch.rand(3)
+    assert torch.equal(torch.get_rng_state(), before)  # the default stream is untouched
+    with tracker.fork():
+        b = torch.rand(3)
+    assert torch.equal(a, torch.rand(3, generator=torch.Generator().manual_seed(7)))
+    assert not torch.equal(a, b)  # the forked stream advances
+    with pytest.raises(ValueError):
+        tracker.add("other", 7)
+
+
+def _groups_of_rank():
+    g = parallel_state.initialize(tp=2, cp=2, vae_shards=4)
+    import torch.distributed as dist
+
+    return (dist.get_rank(), g.tp_rank, g.cp_rank, g.dp_rank, dist.get_world_size(g.vae_group),
+            dist.get_process_group_ranks(g.tp_group), dist.get_process_group_ranks(g.cp_group))
+
+
+def test_groups_on_four_ranks():
+    res = run_distributed(_groups_of_rank, 4)
+    # megatron's order tp-cp-dp: TP is the fastest-varying coordinate
+    assert [(r[1], r[2], r[3]) for r in res] == [(0, 0, 0), (1, 0, 0), (0, 1, 0), (1, 1, 0)]
+    assert res[0][5] == [0, 1] and res[0][6] == [0, 2] and all(r[4] == 4 for r in res)
