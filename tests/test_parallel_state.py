@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -24,17 +28,19 @@ def test_bad_layouts_name_the_rule(world, tp, cp, rule):
         ParallelLayout(world, tp, cp).validate(24)
 
 
-def test_initialize_fails_before_any_process_group(monkeypatch):
-    # A 4-rank torchrun environment with tp=5: must fail at once, not wait for other ranks.
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", "1")  # nothing listens there: reaching it would hang or fail
-    with pytest.raises(LayoutError, match="tp=5"):
-        parallel_state.initialize(tp=5)
-    with pytest.raises(LayoutError, match="cp=4"):
-        parallel_state.initialize(tp=1, cp=4, num_heads=12 * 4 + 2)  # 50 heads: not divisible by cp=4
-    assert not torch.distributed.is_initialized()
+def test_initialize_fails_before_any_process_group():
+    # A fresh process in a 4-rank torchrun environment with tp=5 must fail at once: a rendezvous
+    # attempt would wait for 3 ranks that never come (MASTER_PORT 1 has no listener).
+    code = ("from megawan import parallel_state\n"
+            "try:\n"
+            "    parallel_state.initialize(tp=5)\n"
+            "except parallel_state.LayoutError as e:\n"
+            "    import torch.distributed as dist\n"
+            "    print('LayoutError:', e, '| process group started:', dist.is_initialized())\n")
+    env = dict(os.environ, RANK="0", WORLD_SIZE="4", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "LayoutError: world size 4 is not divisible by tp=5" in out.stdout, out.stderr[-2000:]
+    assert "process group started: False" in out.stdout
 
 
 def test_model_validates_its_own_head_count():
