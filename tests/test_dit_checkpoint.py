@@ -132,3 +132,24 @@ def test_save_refuses_to_overwrite(ckpts):
     model = WanDiT.from_pretrained(ckpts / "diffusers", runtime=RT)
     with pytest.raises(FileExistsError):
         model.save_pretrained(ckpts / "diffusers", layout="diffusers")
+
+
+def test_official_key_names_are_the_released_ones():
+    """The released TI2V-5B checkpoint has 27 keys per block + 15 others (825 at 30 blocks)."""
+    from megawan.checkpoint.dit_keys import megawan_to_official, official_to_diffusers, diffusers_to_official
+    from tests.dit_fixtures import TINY
+
+    model = WanDiT(TINY, runtime=RT)
+    keys = {megawan_to_official(n) for n, _ in model.named_parameters()}
+    block = {k[len("blocks.0."):] for k in keys if k.startswith("blocks.0.")}
+    released_block = ({"modulation", "norm3.weight", "norm3.bias", "ffn.0.weight", "ffn.0.bias", "ffn.2.weight",
+                       "ffn.2.bias"}
+                      | {f"{a}.{p}.{w}" for a in ("self_attn", "cross_attn") for p in "qkvo" for w in ("weight", "bias")}
+                      | {f"{a}.norm_{p}.weight" for a in ("self_attn", "cross_attn") for p in "qk"})
+    assert block == released_block and len(block) == 27
+    top = {k for k in keys if not k.startswith("blocks.")}
+    assert top == {"patch_embedding.weight", "patch_embedding.bias", "head.head.weight", "head.head.bias",
+                   "head.modulation", "time_projection.1.weight", "time_projection.1.bias"} | {
+        f"{m}.{i}.{w}" for m in ("text_embedding", "time_embedding") for i in (0, 2) for w in ("weight", "bias")}
+    assert len(keys) == 27 * TINY.num_layers + 15
+    assert all(diffusers_to_official(official_to_diffusers(k)) == k for k in keys)

@@ -1,7 +1,8 @@
 """Parameter names of the Wan DiT in its three spellings: megawan's, the official release's, diffusers'.
 
 megawan names its modules like the official release except the FFN (``ffn.fc1`` / ``ffn.fc2``
-for the release's ``ffn.0`` / ``ffn.2``), so official <-> megawan is a two-rule rename.
+for the release's ``ffn.0`` / ``ffn.2``). official <-> diffusers is one table of name fragments,
+read in either direction: a fragment ending in "." renames a prefix, any other an exact name.
 """
 
 from __future__ import annotations
@@ -10,71 +11,60 @@ import re
 
 LAYOUTS = ("official", "diffusers")
 
-_MEGAWAN_TO_OFFICIAL = [(r"\.ffn\.fc1\.", ".ffn.0."), (r"\.ffn\.fc2\.", ".ffn.2.")]
-
-# official -> diffusers, applied in order (anchored on the start of the key or a block prefix).
-_OFFICIAL_TO_DIFFUSERS = [
-    (r"^text_embedding\.0\.", "condition_embedder.text_embedder.linear_1."),
-    (r"^text_embedding\.2\.", "condition_embedder.text_embedder.linear_2."),
-    (r"^time_embedding\.0\.", "condition_embedder.time_embedder.linear_1."),
-    (r"^time_embedding\.2\.", "condition_embedder.time_embedder.linear_2."),
-    (r"^time_projection\.1\.", "condition_embedder.time_proj."),
-    (r"^head\.modulation$", "scale_shift_table"),
-    (r"^head\.head\.", "proj_out."),
-    (r"^(blocks\.\d+)\.modulation$", r"\1.scale_shift_table"),
-    (r"^(blocks\.\d+)\.self_attn\.([qkv])\.", r"\1.attn1.to_\2."),
-    (r"^(blocks\.\d+)\.self_attn\.o\.", r"\1.attn1.to_out.0."),
-    (r"^(blocks\.\d+)\.self_attn\.(norm_[qk])\.", r"\1.attn1.\2."),
-    (r"^(blocks\.\d+)\.cross_attn\.([qkv])\.", r"\1.attn2.to_\2."),
-    (r"^(blocks\.\d+)\.cross_attn\.o\.", r"\1.attn2.to_out.0."),
-    (r"^(blocks\.\d+)\.cross_attn\.(norm_[qk])\.", r"\1.attn2.\2."),
-    (r"^(blocks\.\d+)\.norm3\.", r"\1.norm2."),
-    (r"^(blocks\.\d+)\.ffn\.0\.", r"\1.ffn.net.0.proj."),
-    (r"^(blocks\.\d+)\.ffn\.2\.", r"\1.ffn.net.2."),
+# (official, diffusers) for names outside the blocks
+_TOP_LEVEL = [
+    ("text_embedding.0.", "condition_embedder.text_embedder.linear_1."),
+    ("text_embedding.2.", "condition_embedder.text_embedder.linear_2."),
+    ("time_embedding.0.", "condition_embedder.time_embedder.linear_1."),
+    ("time_embedding.2.", "condition_embedder.time_embedder.linear_2."),
+    ("time_projection.1.", "condition_embedder.time_proj."),
+    ("head.modulation", "scale_shift_table"),
+    ("head.head.", "proj_out."),
 ]
-_DIFFUSERS_TO_OFFICIAL = [
-    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
-    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
-    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
-    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
-    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
-    (r"^scale_shift_table$", "head.modulation"),
-    (r"^proj_out\.", "head.head."),
-    (r"^(blocks\.\d+)\.scale_shift_table$", r"\1.modulation"),
-    (r"^(blocks\.\d+)\.attn1\.to_([qkv])\.", r"\1.self_attn.\2."),
-    (r"^(blocks\.\d+)\.attn1\.to_out\.0\.", r"\1.self_attn.o."),
-    (r"^(blocks\.\d+)\.attn1\.(norm_[qk])\.", r"\1.self_attn.\2."),
-    (r"^(blocks\.\d+)\.attn2\.to_([qkv])\.", r"\1.cross_attn.\2."),
-    (r"^(blocks\.\d+)\.attn2\.to_out\.0\.", r"\1.cross_attn.o."),
-    (r"^(blocks\.\d+)\.attn2\.(norm_[qk])\.", r"\1.cross_attn.\2."),
-    (r"^(blocks\.\d+)\.norm2\.", r"\1.norm3."),
-    (r"^(blocks\.\d+)\.ffn\.net\.0\.proj\.", r"\1.ffn.0."),
-    (r"^(blocks\.\d+)\.ffn\.net\.2\.", r"\1.ffn.2."),
+# (official, diffusers) for names inside "blocks.N."
+_IN_BLOCK = [
+    ("modulation", "scale_shift_table"),
+    ("norm3.", "norm2."),  # the affine LayerNorm before cross-attention
+    ("ffn.0.", "ffn.net.0.proj."),
+    ("ffn.2.", "ffn.net.2."),
+] + [
+    (f"{official}.{a}.", f"{diffusers}.{b}.")
+    for official, diffusers in (("self_attn", "attn1"), ("cross_attn", "attn2"))
+    for a, b in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("o", "to_out.0"),
+                 ("norm_q", "norm_q"), ("norm_k", "norm_k"))
 ]
+_MEGAWAN_FFN = [("ffn.0.", "ffn.fc1."), ("ffn.2.", "ffn.fc2.")]  # (official, megawan) inside blocks
+
+_BLOCK = re.compile(r"^(blocks\.\d+\.)(.*)$")
 
 
-def _apply(rules, key: str) -> str:
-    for pattern, repl in rules:
-        new, n = re.subn(pattern, repl, key)
-        if n:
-            return new
+def _rename(key: str, table, src: int) -> str:
+    """Rename ``key`` by ``table`` read from column ``src`` to the other column."""
+    prefix, name = "", key
+    m = _BLOCK.match(key)
+    if m:
+        prefix, name = m.groups()
+    for row in table if m else _TOP_LEVEL:
+        old, new = row[src], row[1 - src]
+        if name == old or (old.endswith(".") and name.startswith(old)):
+            return prefix + new + name[len(old):]
     return key
 
 
 def megawan_to_official(name: str) -> str:
-    return _apply(_MEGAWAN_TO_OFFICIAL, name)
+    return _rename(name, _MEGAWAN_FFN, src=1) if _BLOCK.match(name) else name
 
 
 def official_to_megawan(key: str) -> str:
-    return _apply([(r"\.ffn\.0\.", ".ffn.fc1."), (r"\.ffn\.2\.", ".ffn.fc2.")], key)
+    return _rename(key, _MEGAWAN_FFN, src=0) if _BLOCK.match(key) else key
 
 
 def official_to_diffusers(key: str) -> str:
-    return _apply(_OFFICIAL_TO_DIFFUSERS, key)
+    return _rename(key, _IN_BLOCK, src=0)
 
 
 def diffusers_to_official(key: str) -> str:
-    return _apply(_DIFFUSERS_TO_OFFICIAL, key)
+    return _rename(key, _IN_BLOCK, src=1)
 
 
 def to_layout(official_key: str, layout: str) -> str:
@@ -89,7 +79,6 @@ def to_official(key: str, layout: str) -> str:
 
 def detect_layout(keys) -> str:
     """'diffusers' if the keys use diffusers' names (condition_embedder, attn1, ...), else 'official'."""
-    keys = list(keys)
     if any(k.startswith("condition_embedder.") or ".attn1." in k for k in keys):
         return "diffusers"
     return "official"

@@ -32,54 +32,36 @@ def _own_slice_dim0(x: torch.Tensor, group) -> torch.Tensor:
     return x[rank * size:(rank + 1) * size].contiguous()
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """y = sum over ranks of x, where every rank's result feeds a different part of the loss.
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    x = x.clone()
+    dist.all_reduce(x, group=group)
+    return x
 
-    The gradient of each rank's input is therefore the sum of all ranks' output gradients.
-    """
 
-    @staticmethod
-    def forward(ctx, x, group):
+def _adjoint_pair(name: str, forward, backward):
+    """An autograd Function computing ``forward(x, group)`` whose backward is ``backward(grad, group)``."""
+
+    def fwd(ctx, x, group):
         ctx.group = group
-        x = x.clone()
-        dist.all_reduce(x, group=group)
-        return x
+        return forward(x, group)
 
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+    def bwd(ctx, grad):
+        return backward(grad, ctx.group), None
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
+
+
+# Every rank sees the same loss: a gather's backward keeps this rank's slice, and a slice of a
+# replicated tensor gathers the gradients back.
+_GatherDim0 = _adjoint_pair("_GatherDim0", _all_gather_dim0, _own_slice_dim0)
+_SliceDim0 = _adjoint_pair("_SliceDim0", _own_slice_dim0, _all_gather_dim0)
+# A sum over ranks where each rank's result feeds a different part of the loss: the gradient of
+# each input is the sum of all ranks' output gradients.
+_AllReduceSum = _adjoint_pair("_AllReduceSum", _all_reduce, _all_reduce)
 
 
 def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
     return x if _world(group) == 1 else _AllReduceSum.apply(x, group)
-
-
-class _GatherDim0(torch.autograd.Function):
-    """All-gather along dim 0; backward keeps this rank's slice (every rank sees the same loss)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather_dim0(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _own_slice_dim0(grad, ctx.group), None
-
-
-class _SliceDim0(torch.autograd.Function):
-    """Take this rank's slice along dim 0 of a replicated tensor; backward all-gathers the grads."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _own_slice_dim0(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather_dim0(grad, ctx.group), None
 
 
 def gather_dim0(x: torch.Tensor, group) -> torch.Tensor:
@@ -114,26 +96,9 @@ def _seq_to_heads(x: torch.Tensor, group) -> torch.Tensor:
     return x.permute(1, 2, 0, 3, 4).reshape(s // n, b, n * h, d)
 
 
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _heads_to_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _seq_to_heads(grad, ctx.group), None
-
-
-class _SeqToHeads(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _seq_to_heads(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _heads_to_seq(grad, ctx.group), None
+# An all-to-all is a permutation: its backward is the inverse all-to-all.
+_HeadsToSeq = _adjoint_pair("_HeadsToSeq", _heads_to_seq, _seq_to_heads)
+_SeqToHeads = _adjoint_pair("_SeqToHeads", _seq_to_heads, _heads_to_seq)
 
 
 def ulysses_heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
