@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 logger = logging.getLogger("megawan.data")
 
@@ -51,3 +51,23 @@ class BadInputReport:
             raise error
         self.counts[error.kind] += count
         logger.warning("skipping bad input: %s", error)
+
+
+def load_with_replacement(load: Callable[[int], dict], index: int, num_items: int, report: BadInputReport,
+                          max_retries: int, stride: int = 1, what: str = "items") -> dict:
+    """``load(index)``, or, when that input is bad, the next good one ``stride`` items further on.
+
+    Each bad input goes through ``report`` (raise, or log and count); the kinds skipped travel with
+    the sample under "skipped", so every data-parallel rank still yields a full batch and stays in step.
+    """
+    skipped = []
+    for attempt in range(max_retries + 1):
+        try:
+            sample = load((index + attempt * stride) % num_items)
+        except BadInputError as e:
+            report(e)
+            skipped.append(e.kind)
+            continue
+        sample["skipped"] = skipped
+        return sample
+    raise RuntimeError(f"{len(skipped)} bad {what} in a row from {index}: {skipped}")

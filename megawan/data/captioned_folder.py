@@ -13,7 +13,8 @@ from typing import Literal
 import numpy as np
 import torch.utils.data
 
-from megawan.data.bad_input import SHORT_VIDEO, BadInputError, BadInputPolicy, BadInputReport
+from megawan.data.bad_input import (SHORT_VIDEO, BadInputError, BadInputPolicy, BadInputReport,
+                                    load_with_replacement)
 from megawan.data.clip_index import check_clip_frames, clip_span
 from megawan.data.decoders import open_video, resolve_backend
 from megawan.data.transforms import frames_to_video
@@ -82,15 +83,5 @@ class CaptionedVideoFolder(torch.utils.data.Dataset):
                 "first_frame": first}
 
     def __getitem__(self, index: int) -> dict:
-        skipped = []
-        for attempt in range(self.config.max_retries + 1):
-            candidate = (index + attempt) % len(self)
-            try:
-                sample = self.load_clip(candidate)
-            except BadInputError as e:
-                self.report(e)
-                skipped.append(e.kind)
-                continue
-            sample["skipped"] = skipped
-            return sample
-        raise RuntimeError(f"{len(skipped)} bad videos in a row from item {index}: {skipped}")
+        return load_with_replacement(self.load_clip, index, len(self), self.report, self.config.max_retries,
+                                     what="videos")

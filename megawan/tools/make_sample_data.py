@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -211,7 +212,8 @@ def make_sample_data(out, *, train_shards: int = 3, val_shards: int = 1, frames_
                     {"num_shards": num_shards, "hz": HZ, "num_images": num_shards * frames_per_shard,
                      "query": "synthetic sample data (megawan.tools.make_sample_data)"})
     workers = workers or min(len(jobs), os.cpu_count() or 1)
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    # spawn, not fork: a forked copy of a busy parent (pytest, torch threads) can crash in CPython 3.11
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         list(pool.map(_run_job, jobs))
     if captioned_videos:
         write_captioned_folder(out / "captioned", num_videos=captioned_videos, seed=seed)

@@ -11,7 +11,7 @@ import torch
 import torch.utils.data
 
 from megawan.data.bad_input import (LENGTH_MISMATCH, NAN_STATES, SHORT_SEGMENT, UNREADABLE_VIDEO, BadInputError,
-                                    BadInputPolicy, BadInputReport)
+                                    BadInputPolicy, BadInputReport, load_with_replacement)
 from megawan.data.clip_index import ClipIndex, check_clip_frames, clip_span, runs_to_index, valid_runs
 from megawan.data.decoders import open_video, resolve_backend
 from megawan.data.transforms import frames_to_video
@@ -162,15 +162,5 @@ class WorldModel1XDataset(torch.utils.data.Dataset):
         }
 
     def __getitem__(self, clip: int) -> dict:
-        skipped = []
-        for attempt in range(self.config.max_retries + 1):
-            candidate = (clip + attempt * _RETRY_STRIDE) % len(self)
-            try:
-                sample = self.load_clip(candidate)
-            except BadInputError as e:
-                self.report(e)
-                skipped.append(e.kind)
-                continue
-            sample["skipped"] = skipped
-            return sample
-        raise RuntimeError(f"{len(skipped)} bad clips in a row from clip {clip}: {skipped}")
+        return load_with_replacement(self.load_clip, clip, len(self), self.report, self.config.max_retries,
+                                     stride=_RETRY_STRIDE, what="clips")
