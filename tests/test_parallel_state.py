@@ -96,3 +96,33 @@ def test_groups_on_four_ranks():
     # megatron's order tp-cp-dp: TP is the fastest-varying coordinate
     assert [(r[1], r[2], r[3]) for r in res] == [(0, 0, 0), (1, 0, 0), (0, 1, 0), (1, 1, 0)]
     assert res[0][5] == [0, 1] and res[0][6] == [0, 2] and all(r[4] == 4 for r in res)
+
+
+def _lose_a_rank(result_file):
+    import json
+    import time
+
+    import torch.distributed as dist
+
+    groups = parallel_state.initialize(tp=2, num_heads=None, timeout_s=20)
+    dist.all_reduce(torch.ones(4), group=groups.tp_group)  # a healthy step first: the pair is connected
+    if dist.get_rank() == 1:
+        os._exit(3)  # a rank dies without a word
+    start = time.monotonic()
+    try:
+        dist.all_reduce(torch.ones(4), group=groups.tp_group)
+        outcome = "completed"
+    except Exception as e:  # noqa: BLE001 - gloo raises RuntimeError subclasses
+        outcome = f"{type(e).__name__}: {e}"
+    with open(result_file, "w") as f:
+        json.dump({"outcome": outcome, "seconds": time.monotonic() - start}, f)
+    os._exit(0)  # skip tearing down a group whose peer is gone
+
+
+def test_a_dead_rank_fails_the_survivors_instead_of_hanging(tmp_path):
+    import json
+
+    with pytest.raises(RuntimeError, match="rank 1 exited with code 3"):
+        run_distributed(_lose_a_rank, 2, tmp_path / "rank0.json", timeout_s=120, grace_s=60)
+    report = json.loads((tmp_path / "rank0.json").read_text())
+    assert report["outcome"] != "completed" and report["seconds"] < 60, report

@@ -2,14 +2,17 @@
 
 The same test runs with gloo on CPU everywhere and with NCCL (one rank per GPU) when
 ``MEGAWAN_TEST_BACKEND=nccl`` is set on a machine with enough GPUs (see ``test_backend``).
-A rank that raises fails the call with its traceback; a hang fails it after ``timeout_s``.
+A rank that raises or dies fails the call with its traceback or exit code; a hang fails it after
+``timeout_s``.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import queue as _queue
 import socket
+import time
 import traceback
 
 import torch
@@ -30,7 +33,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, backend, fn, args, kwargs, queue):
+def _worker(rank, world_size, port, backend, fn, args, kwargs, results):
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), MEGAWAN_TEST_BACKEND=backend,
@@ -41,9 +44,9 @@ def _worker(rank, world_size, port, backend, fn, args, kwargs, queue):
         # Serialise to bytes: tensors sent through a Queue use shared memory that dies with this rank.
         buf = io.BytesIO()
         torch.save(result, buf)
-        queue.put((rank, "ok", buf.getvalue()))
+        results.put((rank, "ok", buf.getvalue()))
     except BaseException:  # noqa: BLE001 - report every failure to the parent
-        queue.put((rank, "error", traceback.format_exc()))
+        results.put((rank, "error", traceback.format_exc()))
     finally:
         import torch.distributed as dist
 
@@ -51,43 +54,52 @@ def _worker(rank, world_size, port, backend, fn, args, kwargs, queue):
             dist.destroy_process_group()
 
 
-def run_distributed(fn, world_size: int, *args, timeout_s: float = 600, **kwargs) -> list:
+def _collect(procs, results, timeout_s: float) -> tuple[dict, list[str]]:
+    """Per-rank results until all reported, one failed or died, or ``timeout_s`` passed."""
+    done: dict[int, object] = {}
+    errors: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while len(done) < len(procs) and not errors:
+        try:
+            rank, status, payload = results.get(timeout=1.0)
+        except _queue.Empty:
+            dead = [r for r, p in enumerate(procs) if r not in done and p.exitcode not in (None, 0)]
+            if dead:  # killed or crashed without reporting (os._exit, OOM, signal)
+                errors += [f"rank {r} exited with code {procs[r].exitcode} without a result" for r in dead]
+            elif time.monotonic() > deadline:
+                errors.append(f"timed out after {timeout_s}s waiting for ranks "
+                              f"{sorted(set(range(len(procs))) - set(done))}")
+            continue
+        if status == "ok":
+            done[rank] = torch.load(io.BytesIO(payload), weights_only=False)
+        else:
+            errors.append(f"rank {rank} failed:\n{payload}")
+    return done, errors
+
+
+def run_distributed(fn, world_size: int, *args, timeout_s: float = 600, grace_s: float = 0.5, **kwargs) -> list:
     """Call ``fn(*args, **kwargs)`` on ``world_size`` spawned ranks; return the per-rank results.
 
     ``fn`` must be importable (module level) and should call ``megawan.parallel_state.initialize``.
+    After a rank fails, the others (which may be blocked in a collective) get ``grace_s`` seconds to
+    end by themselves before they are killed.
     """
     backend = test_backend(world_size)
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
+    results = ctx.Queue()
     port = _free_port()
-    procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, backend, fn, args, kwargs, queue), daemon=True)
-        for r in range(world_size)
-    ]
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, backend, fn, args, kwargs, results),
+                         daemon=True) for r in range(world_size)]
     for p in procs:
         p.start()
-    results: dict[int, object] = {}
     errors: list[str] = []
     try:
-        import queue as _q
-
-        for _ in range(world_size):
-            try:
-                rank, status, payload = queue.get(timeout=timeout_s)
-            except _q.Empty:
-                errors.append(f"timed out after {timeout_s}s waiting for ranks "
-                              f"{sorted(set(range(world_size)) - set(results))}")
-                break
-            if status == "ok":
-                results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
-            else:
-                errors.append(f"rank {rank} failed:\n{payload}")
-                break  # the others may now block on a collective: stop them
+        done, errors = _collect(procs, results, timeout_s)
     finally:
         for p in procs:
-            p.join(timeout=5 if not errors else 0.5)
+            p.join(timeout=5 if not errors else grace_s)
             if p.is_alive():
                 p.kill()
     if errors:
         raise RuntimeError("\n".join(errors))
-    return [results[r] for r in range(world_size)]
+    return [done[r] for r in range(world_size)]
