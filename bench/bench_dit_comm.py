@@ -21,7 +21,10 @@ Lc = padded tokens / cp, B = batch, D = dim, s = bytes of the compute dtype, Lt 
 * q/k norms: all-reduces of the fp32 sums of squares [Lc, B, 1] (self q, self k, cross q), [Lt, B, 1]
   (cross k): 2 (t-1)/t x 4 B (3 Lc + Lt) bytes, independent of D;
 * Ulysses: 4 all-to-alls (q, k, v, out) of Lc x B x D/t, each (c-1)/c x Lc B D/t s;
-* backward: the same collectives with all-gather and reduce-scatter swapped.
+* backward: the same collectives with all-gather and reduce-scatter swapped, plus, under SP, the
+  Megatron re-gather: each of the 3 column-parallel entries (fused q/k/v, cross-attention q, fc1)
+  keeps only its local token shard for backward and all-gathers it again there (3 more all-gathers
+  of Lc x B x D: memory traded for bytes, as Megatron does).
 
     python bench/bench_dit_comm.py                    # TP2xCP2 (SP), TP4 (SP), TP4 (no SP); dim 3072
     python bench/bench_dit_comm.py --layouts 1x4 2x2:nosp --qk-scan ''   # pure Ulysses, TP2xCP2 without SP
@@ -136,7 +139,10 @@ def analytic(tp, cp, sp, padded_tokens, batch, dim, elem, text_len=512) -> dict:
         fwd[("all_reduce", "tp", "qk-norm sum-sq")] = (4, 2 * (tp - 1) / tp * 4 * batch * (3 * lc + text_len))
     if cp > 1:
         fwd[("all_to_all_single", "cp", "")] = (4, 4 * act / tp * (cp - 1) / cp)
-    return {"fwd": fwd, "bwd": dict(fwd)}
+    bwd = dict(fwd)
+    if tp > 1 and sp:  # the column layers re-gather their saved local input shard
+        bwd[("all_gather_into_tensor", "tp", "")] = (6, 6 * act * (tp - 1) / tp)
+    return {"fwd": fwd, "bwd": bwd}
 
 
 def _sort_key(key):
@@ -244,8 +250,9 @@ def report(cases, results, scale_tokens: int) -> str:
             padded = -(-scale_tokens // unit) * unit
             ana = analytic(*key, padded, 1, 3072, 2)
             fwd = sum(v[1] for v in ana["fwd"].values())
+            bwd = sum(v[1] for v in ana["bwd"].values())
             qk = sum(v[1] for k, v in ana["fwd"].items() if k[2])
-            srows.append([_layout_name(*key), f"{fwd / 2**20:,.2f}", f"{2 * fwd / 2**20:,.2f}",
+            srows.append([_layout_name(*key), f"{fwd / 2**20:,.2f}", f"{(fwd + bwd) / 2**20:,.2f}",
                           f"{qk / 2**20:.4f}"])
         out.append(format_table(srows, ["layout", "fwd MiB", "fwd+bwd MiB", "of which q/k-norm (fwd) MiB"]))
     return "\n".join(out)

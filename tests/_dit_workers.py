@@ -11,11 +11,14 @@ from megawan.parallel_state.grads import reduce_model_parallel_grads
 
 
 def _grad_full(p, groups):
+    """The whole gradient of a TP-split parameter; a fused one (stride s) holds s slices per rank."""
     g = p.grad
     if getattr(p, "tensor_model_parallel", False) and groups.tp > 1:
-        parts = [torch.empty_like(g) for _ in range(groups.tp)]
-        dist.all_gather(parts, g.contiguous(), group=groups.tp_group)
-        g = torch.cat(parts, dim=p.partition_dim)
+        ranks = [torch.empty_like(g) for _ in range(groups.tp)]
+        dist.all_gather(ranks, g.contiguous(), group=groups.tp_group)
+        stride, dim = p.partition_stride, p.partition_dim
+        pieces = [r.chunk(stride, dim=dim) for r in ranks]
+        g = torch.cat([torch.cat([pc[i] for pc in pieces], dim=dim) for i in range(stride)], dim=dim)
     return g.cpu()
 
 

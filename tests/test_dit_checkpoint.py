@@ -63,8 +63,8 @@ def test_converter_round_trip_and_bf16(ckpts, tmp_path):
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     convert(ckpts / "official", tmp_path / "bf16", to="official", dtype="bf16")
     m = WanDiT.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16, runtime=RT)
-    ref = _state(ckpts / "official")["blocks.0.self_attn.q.weight"].to(torch.bfloat16)
-    assert torch.equal(m.blocks[0].self_attn.q.weight, ref)
+    ref = _state(ckpts / "official")["blocks.0.cross_attn.q.weight"].to(torch.bfloat16)
+    assert torch.equal(m.blocks[0].cross_attn.q.weight, ref)
 
 
 def _load_tp_slices(path):
@@ -79,8 +79,10 @@ def test_each_tp_rank_reads_its_slice(ckpts):
     full = _state(ckpts / "official")
     results = run_distributed(_load_tp_slices, 2, ckpts / "official")
     for rank, params in results:
-        q = params["blocks.0.self_attn.q.weight"]  # column-parallel: rows split
-        assert torch.equal(q, full["blocks.0.self_attn.q.weight"].chunk(2, 0)[rank])
+        qkv = params["blocks.0.self_attn.qkv.weight"]  # fused column-parallel: [q_r; k_r; v_r]
+        assert torch.equal(qkv, torch.cat([full[f"blocks.0.self_attn.{p}.weight"].chunk(2, 0)[rank] for p in "qkv"]))
+        q = params["blocks.0.cross_attn.q.weight"]  # column-parallel: rows split
+        assert torch.equal(q, full["blocks.0.cross_attn.q.weight"].chunk(2, 0)[rank])
         o = params["blocks.0.self_attn.o.weight"]  # row-parallel: columns split
         assert torch.equal(o, full["blocks.0.self_attn.o.weight"].chunk(2, 1)[rank])
         nq = params["blocks.0.self_attn.norm_q.weight"]  # q/k norm weight follows q's split
@@ -136,11 +138,11 @@ def test_save_refuses_to_overwrite(ckpts):
 
 def test_official_key_names_are_the_released_ones():
     """The released TI2V-5B checkpoint has 27 keys per block + 15 others (825 at 30 blocks)."""
-    from megawan.checkpoint.dit_keys import megawan_to_official, official_to_diffusers, diffusers_to_official
+    from megawan.checkpoint.dit_keys import diffusers_to_official, official_keys, official_to_diffusers
     from tests.dit_fixtures import TINY
 
     model = WanDiT(TINY, runtime=RT)
-    keys = {megawan_to_official(n) for n, _ in model.named_parameters()}
+    keys = {k for n, _ in model.named_parameters() for k in official_keys(n)}
     block = {k[len("blocks.0."):] for k in keys if k.startswith("blocks.0.")}
     released_block = ({"modulation", "norm3.weight", "norm3.bias", "ffn.0.weight", "ffn.0.bias", "ffn.2.weight",
                        "ffn.2.bias"}

@@ -1,4 +1,8 @@
-"""Load / save WanDiT weights from / to released checkpoint directories, TP slice by TP slice."""
+"""Load / save WanDiT weights from / to released checkpoint directories, TP slice by TP slice.
+
+A megawan parameter maps to one release tensor, or (fused q/k/v) to several concatenated along
+dim 0. A TP-split parameter holds, on rank r, the r-th slice of each of its release tensors.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megawan.checkpoint.dit_keys import detect_layout, megawan_to_official, to_layout
+from megawan.checkpoint.dit_keys import detect_layout, official_keys, to_layout
 from megawan.checkpoint.safetensors_dir import CheckpointError, SafetensorsDir, write_safetensors_dir
 
 
@@ -20,6 +24,16 @@ def _preview(keys, n: int = 8) -> str:
     return ", ".join(keys[:n]) + (f" ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
+def _part_shape(p: torch.nn.Parameter, parts: int, tp: int) -> tuple[int, ...]:
+    """Full shape of each release tensor behind parameter ``p`` (``parts`` of them)."""
+    shape = list(p.shape)
+    shape[0] //= parts
+    dim = _tp_split_dim(p)
+    if dim is not None:
+        shape[dim] *= tp
+    return tuple(shape)
+
+
 @torch.no_grad()
 def load_dit_weights(model, path) -> str:
     """Copy a checkpoint (official or diffusers keys, any float dtype) into ``model``; return the layout.
@@ -30,35 +44,34 @@ def load_dit_weights(model, path) -> str:
     ckpt = SafetensorsDir(path)
     layout = detect_layout(ckpt.keys())
     g = model.groups
-    expected = {to_layout(megawan_to_official(n), layout): p for n, p in model.named_parameters()}
-    missing, unexpected = set(expected) - set(ckpt.keys()), set(ckpt.keys()) - set(expected)
+    wanted = {n: [to_layout(k, layout) for k in official_keys(n)] for n, _ in model.named_parameters()}
+    expected = {k for keys in wanted.values() for k in keys}
+    missing, unexpected = expected - set(ckpt.keys()), set(ckpt.keys()) - expected
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path} ({layout} layout) does not match WanDiT({model.config}): "
                               f"missing keys [{_preview(missing)}]; unexpected keys [{_preview(unexpected)}]")
-    for key, p in expected.items():
-        dim = _tp_split_dim(p)
-        want = list(p.shape)
-        if dim is not None:
-            want[dim] *= g.tp
-        got = ckpt.shape(key)
-        if tuple(want) != got:
-            raise CheckpointError(f"{key!r} in {ckpt.path / ckpt.weight_map[key]} has shape {got}, "
-                                  f"the model expects {tuple(want)}")
-        p.copy_(ckpt.read(key, dim, g.tp_rank, g.tp).to(p.dtype))
+    for name, p in model.named_parameters():
+        keys, dim = wanted[name], _tp_split_dim(p)
+        want = _part_shape(p, len(keys), g.tp)
+        for key in keys:
+            if ckpt.shape(key) != want:
+                raise CheckpointError(f"{key!r} in {ckpt.path / ckpt.weight_map[key]} has shape "
+                                      f"{ckpt.shape(key)}, the model expects {want}")
+        p.copy_(torch.cat([ckpt.read(key, dim, g.tp_rank, g.tp) for key in keys]).to(p.dtype))
     return layout
 
 
 def iter_full_state(model):
-    """Yield (official key, full tensor) for every parameter, gathering TP slices (collective over TP)."""
+    """Yield (official key, full tensor) for every release tensor, gathering TP slices (collective over TP)."""
     g = model.groups
     for name, p in model.named_parameters():
-        t = p.detach()
-        dim = _tp_split_dim(p)
-        if dim is not None and g.tp > 1:
-            parts = [torch.empty_like(t) for _ in range(g.tp)]
-            dist.all_gather(parts, t.contiguous(), group=g.tp_group)
-            t = torch.cat(parts, dim=dim)
-        yield megawan_to_official(name), t
+        keys, dim = official_keys(name), _tp_split_dim(p)
+        for key, t in zip(keys, p.detach().chunk(len(keys), dim=0)):
+            if dim is not None and g.tp > 1:
+                slices = [torch.empty_like(t) for _ in range(g.tp)]
+                dist.all_gather(slices, t.contiguous(), group=g.tp_group)
+                t = torch.cat(slices, dim=dim)
+            yield key, t
 
 
 def save_dit_weights(model, path, layout: str = "official", max_shard_bytes: int = 5 * 2**30) -> None:

@@ -1,7 +1,8 @@
 """Parameter names of the Wan DiT in its three spellings: megawan's, the official release's, diffusers'.
 
 megawan names its modules like the official release except the FFN (``ffn.fc1`` / ``ffn.fc2``
-for the release's ``ffn.0`` / ``ffn.2``). official <-> diffusers is one table of name fragments,
+for the release's ``ffn.0`` / ``ffn.2``) and the fused self-attention projection (``self_attn.qkv``,
+rows [q; k; v], three release tensors). official <-> diffusers is one table of name fragments,
 read in either direction: a fragment ending in "." renames a prefix, any other an exact name.
 """
 
@@ -34,6 +35,8 @@ _IN_BLOCK = [
                  ("norm_q", "norm_q"), ("norm_k", "norm_k"))
 ]
 _MEGAWAN_FFN = [("ffn.0.", "ffn.fc1."), ("ffn.2.", "ffn.fc2.")]  # (official, megawan) inside blocks
+# megawan's fused parameters inside blocks -> the release tensors concatenated along dim 0
+FUSED = {"self_attn.qkv.": ("self_attn.q.", "self_attn.k.", "self_attn.v.")}
 
 _BLOCK = re.compile(r"^(blocks\.\d+\.)(.*)$")
 
@@ -51,12 +54,16 @@ def _rename(key: str, table, src: int) -> str:
     return key
 
 
-def megawan_to_official(name: str) -> str:
-    return _rename(name, _MEGAWAN_FFN, src=1) if _BLOCK.match(name) else name
-
-
-def official_to_megawan(key: str) -> str:
-    return _rename(key, _MEGAWAN_FFN, src=0) if _BLOCK.match(key) else key
+def official_keys(name: str) -> tuple[str, ...]:
+    """The release's key(s) of megawan parameter ``name``: several for a fused parameter."""
+    m = _BLOCK.match(name)
+    if not m:
+        return (name,)
+    prefix, rest = m.groups()
+    for fused, parts in FUSED.items():
+        if rest.startswith(fused):
+            return tuple(prefix + part + rest[len(fused):] for part in parts)
+    return (_rename(name, _MEGAWAN_FFN, src=1),)
 
 
 def official_to_diffusers(key: str) -> str:

@@ -8,23 +8,20 @@ from torch import nn
 
 from megawan.layers.attention_kernels import attention
 from megawan.layers.comm import ulysses_heads_to_seq, ulysses_seq_to_heads
-from megawan.layers.linear import column_parallel, enter_tp_region, row_parallel
+from megawan.layers.linear import column_parallel, column_parallel_on_replicated, row_parallel
 from megawan.layers.norms import HeadsRMSNorm
 from megawan.layers.rope import apply_rope
 
 
 class _Attention(nn.Module):
-    """Shared parameters: q/k/v column-parallel (this rank's heads), o row-parallel, q/k RMSNorm."""
+    """Shared by both attentions: o row-parallel, q/k RMSNorm across all heads (TP-exact)."""
 
     def __init__(self, dim: int, num_heads: int, eps: float, config: ModelParallelConfig, tp_group,
                  linear_impl: str, attention_backend: str):
         super().__init__()
         tp = config.tensor_model_parallel_size
-        self.config, self.tp_group, self.backend = config, tp_group, attention_backend
+        self.backend = attention_backend
         self.local_heads, self.head_dim = num_heads // tp, dim // num_heads
-        self.q = column_parallel(dim, dim, config, tp_group, linear_impl)
-        self.k = column_parallel(dim, dim, config, tp_group, linear_impl)
-        self.v = column_parallel(dim, dim, config, tp_group, linear_impl)
         self.o = row_parallel(dim, dim, config, tp_group, linear_impl)
         self.norm_q = HeadsRMSNorm(dim, eps, tp, tp_group)
         self.norm_k = HeadsRMSNorm(dim, eps, tp, tp_group)
@@ -40,15 +37,19 @@ class _Attention(nn.Module):
 class SelfAttention(_Attention):
     """x: residual-stream shard [s_local, b, dim] -> same shape.
 
-    TP region: [s_cp, b, dim/tp] per rank (s_cp = this CP rank's tokens). Ulysses trades the CP
-    sequence split for a head split, so the kernel sees the whole sequence for heads/(tp*cp) heads.
+    q, k, v are one fused column-parallel layer (one gather of x under SP; this rank's rows are
+    [q_r; k_r; v_r]). TP region: [s_cp, b, dim/tp] per rank (s_cp = this CP rank's tokens). Ulysses
+    trades the CP sequence split for a head split, so the kernel sees the whole sequence for
+    heads/(tp*cp) heads.
     """
 
+    def __init__(self, dim, num_heads, eps, config, tp_group, linear_impl, attention_backend):
+        super().__init__(dim, num_heads, eps, config, tp_group, linear_impl, attention_backend)
+        self.qkv = column_parallel(dim, 3 * dim, config, tp_group, linear_impl, stride=3)
+
     def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], cp_group, num_tokens: int):
-        h = enter_tp_region(x, self.config, self.tp_group)
-        q = self._heads(self.norm_q(self.q(h)[0]))
-        k = self._heads(self.norm_k(self.k(h)[0]))
-        v = self._heads(self.v(h)[0])
+        q, k, v = self.qkv(x)[0].chunk(3, dim=-1)
+        q, k, v = self._heads(self.norm_q(q)), self._heads(self.norm_k(k)), self._heads(v)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q, k, v = (ulysses_heads_to_seq(t, cp_group) for t in (q, k, v))
         # Padding sits at the end of the global sequence: dropping those keys masks them exactly.
@@ -60,12 +61,17 @@ class CrossAttention(_Attention):
     """Video queries (local tokens) attend to all text tokens, replicated on every rank.
 
     ``context`` must already be in the TP region (replicated; its input grad all-reduced once per
-    forward by the model), so no CP communication is needed at all.
+    forward by the model), so k and v need no communication, and no CP communication is needed.
     """
 
+    def __init__(self, dim, num_heads, eps, config, tp_group, linear_impl, attention_backend):
+        super().__init__(dim, num_heads, eps, config, tp_group, linear_impl, attention_backend)
+        self.q = column_parallel(dim, dim, config, tp_group, linear_impl)
+        self.k = column_parallel_on_replicated(dim, dim, config, tp_group, linear_impl)
+        self.v = column_parallel_on_replicated(dim, dim, config, tp_group, linear_impl)
+
     def forward(self, x, context):
-        h = enter_tp_region(x, self.config, self.tp_group)
-        q = self._heads(self.norm_q(self.q(h)[0]))
+        q = self._heads(self.norm_q(self.q(x)[0]))
         k = self._heads(self.norm_k(self.k(context)[0]))
         v = self._heads(self.v(context)[0])
         return self._out(attention(q, k, v, self.backend))
@@ -76,10 +82,8 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, ffn_dim: int, config: ModelParallelConfig, tp_group, linear_impl: str):
         super().__init__()
-        self.config, self.tp_group = config, tp_group
         self.fc1 = column_parallel(dim, ffn_dim, config, tp_group, linear_impl)
         self.fc2 = row_parallel(ffn_dim, dim, config, tp_group, linear_impl)
 
     def forward(self, x):
-        h = self.fc1(enter_tp_region(x, self.config, self.tp_group))[0]
-        return self.fc2(torch.nn.functional.gelu(h, approximate="tanh"))[0]
+        return self.fc2(torch.nn.functional.gelu(self.fc1(x)[0], approximate="tanh"))[0]

@@ -3,10 +3,16 @@
 ``linear_impl`` is the one switch: "local" (megatron-core, runs on CPU), "te" (Transformer Engine,
 required -> error if missing) or "auto" (TE when importable and CUDA is available, else local).
 
-Column-parallel layers here never communicate themselves: megawan enters the TP region once per
-sub-block (one all-gather under sequence parallelism, or one identity-with-all-reduce-backward
-without it) and feeds several column layers (q, k, v) from that single gathered input.
-Row-parallel layers do megatron's usual exit: reduce-scatter (SP) or all-reduce.
+Two kinds of column-parallel layer:
+
+* ``column_parallel`` takes the residual stream as it is. Under sequence parallelism it all-gathers
+  the token shards itself and, like Megatron, keeps only the local shard for backward (re-gathering
+  it there); without SP its backward all-reduces the input gradient. Several outputs from one input
+  are fused into one layer (q, k, v: ``stride=3``) so the input is gathered once.
+* ``column_parallel_on_replicated`` takes an input that is already replicated in the TP region
+  (the text context, entered once per forward by the model) and does no communication at all.
+
+Row-parallel layers exit the TP region: reduce-scatter (SP) or all-reduce.
 """
 
 from __future__ import annotations
@@ -19,10 +25,6 @@ import torch
 from megatron.core import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
-from megatron.core.tensor_parallel.mappings import (
-    copy_to_tensor_model_parallel_region,
-    gather_from_sequence_parallel_region,
-)
 
 LINEAR_IMPLS = ("auto", "local", "te")
 
@@ -47,32 +49,54 @@ def _xavier(w: torch.Tensor) -> torch.Tensor:
     return torch.nn.init.xavier_uniform_(w)
 
 
-def _with_tp_identity(layer, weight_dim: int):
-    """megatron tags a weight's split dim only when it initialises it: tag it in every case."""
-    if not hasattr(layer.weight, "tensor_model_parallel"):
-        set_tensor_model_parallel_attributes(layer.weight, True, weight_dim, 1)
+def _with_tp_identity(layer, weight_dim: int, stride: int = 1):
+    """Tag the split dim of weight (and of a split bias) in every case.
+
+    megatron tags a weight only when it initialises it; TE's layers tag nothing on CPU-less paths.
+    """
+    params = [(layer.weight, weight_dim)] + ([(layer.bias, 0)] if weight_dim == 0 else [])
+    for p, dim in params:
+        for attr in ("tensor_model_parallel", "partition_dim", "partition_stride"):
+            if hasattr(p, attr):
+                delattr(p, attr)
+        set_tensor_model_parallel_attributes(p, True, dim, stride)
     return layer
 
 
-def column_parallel(in_features: int, out_features: int, config: ModelParallelConfig, tp_group, impl: str):
-    """Weight split on dim 0 (output features); input must already be in the TP region."""
+def column_parallel(in_features: int, out_features: int, config: ModelParallelConfig, tp_group, impl: str,
+                    stride: int = 1):
+    """Weight split on dim 0; input = the residual stream (token shards under SP, else replicated).
+
+    ``stride`` fuses that many equal outputs: rank r holds rows [r-th slice of each], in order.
+    """
+    if impl == "te":
+        from megatron.core.extensions.transformer_engine import TEColumnParallelLinear
+
+        layer = TEColumnParallelLinear(in_features, out_features, config=config, init_method=_xavier,
+                                       gather_output=False, bias=True, skip_bias_add=False, is_expert=False,
+                                       tp_group=tp_group, stride=stride)
+    else:
+        layer = ColumnParallelLinear(in_features, out_features, config=config, init_method=_xavier, bias=True,
+                                     gather_output=False, stride=stride, tp_group=tp_group)
+    return _with_tp_identity(layer, weight_dim=0, stride=stride)
+
+
+def column_parallel_on_replicated(in_features: int, out_features: int, config: ModelParallelConfig, tp_group,
+                                  impl: str):
+    """Weight split on dim 0; input already replicated in the TP region: no communication."""
     no_sp = dataclasses.replace(config, sequence_parallel=False)
     if impl == "te":
-        # TE's column layer would all-reduce the input grad itself; megawan already did that on
-        # entering the TP region, so this rank's shard is a plain ("duplicated") TE GEMM.
+        # TE's column layer would all-reduce the input grad itself; that was done when the input
+        # entered the TP region, so this rank's shard is a plain ("duplicated") TE GEMM.
         from megatron.core.extensions.transformer_engine import TELinear
+
         tp = config.tensor_model_parallel_size
         layer = TELinear(in_features, out_features // tp, parallel_mode="duplicated", config=no_sp,
                          init_method=_xavier, bias=True, skip_bias_add=False,
                          skip_weight_param_allocation=False, tp_group=tp_group)
-        for p in (layer.weight, layer.bias):
-            for attr in ("tensor_model_parallel", "partition_dim", "partition_stride"):
-                if hasattr(p, attr):
-                    delattr(p, attr)
-            set_tensor_model_parallel_attributes(p, True, 0, 1)
-        return layer
-    layer = ColumnParallelLinear(in_features, out_features, config=no_sp, init_method=_xavier, bias=True,
-                                 gather_output=False, disable_grad_reduce=True, tp_group=tp_group)
+    else:
+        layer = ColumnParallelLinear(in_features, out_features, config=no_sp, init_method=_xavier, bias=True,
+                                     gather_output=False, disable_grad_reduce=True, tp_group=tp_group)
     return _with_tp_identity(layer, weight_dim=0)
 
 
@@ -81,22 +105,10 @@ def row_parallel(in_features: int, out_features: int, config: ModelParallelConfi
     if impl == "te":
         from megatron.core.extensions.transformer_engine import TERowParallelLinear
 
-        return TERowParallelLinear(in_features, out_features, config=config, init_method=_xavier, bias=True,
-                                   input_is_parallel=True, skip_bias_add=False, is_expert=False,
-                                   tp_group=tp_group)
-    layer = RowParallelLinear(in_features, out_features, config=config, init_method=_xavier, bias=True,
-                              input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
+        layer = TERowParallelLinear(in_features, out_features, config=config, init_method=_xavier, bias=True,
+                                    input_is_parallel=True, skip_bias_add=False, is_expert=False,
+                                    tp_group=tp_group)
+    else:
+        layer = RowParallelLinear(in_features, out_features, config=config, init_method=_xavier, bias=True,
+                                  input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
     return _with_tp_identity(layer, weight_dim=1)
-
-
-def enter_tp_region(x: torch.Tensor, config: ModelParallelConfig, tp_group) -> torch.Tensor:
-    """Residual-stream activations -> the input that column-parallel layers expect.
-
-    Sequence parallel: all-gather the token shards (backward reduce-scatters). Otherwise the
-    input is replicated: identity forward, all-reduce of the input gradient backward.
-    """
-    if config.tensor_model_parallel_size == 1:
-        return x
-    if config.sequence_parallel:
-        return gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True, group=tp_group)
-    return copy_to_tensor_model_parallel_region(x, group=tp_group)
