@@ -115,7 +115,8 @@ def initialize(
         vae_shards: ranks that shard one VAE call spatially (consecutive ranks); default tp * cp,
             i.e. the ranks of one model replica, which hold the same sample.
         num_heads: attention heads of the model to validate against (24 for TI2V-5B); None skips.
-        backend: "nccl" or "gloo"; default NCCL when CUDA is available, else gloo.
+        backend: "nccl" or "gloo"; default $MEGAWAN_BACKEND if set, else NCCL when CUDA is
+            available and gloo otherwise ("gloo" keeps the ranks on CPU even on a GPU machine).
         timeout_s: collective timeout, so a dead rank fails the job instead of hanging it.
         seed: seed of megatron's model-parallel RNG tracker.
     """
@@ -127,6 +128,9 @@ def initialize(
     if world % vae_shards != 0:
         raise LayoutError(f"vae_shards={vae_shards} does not divide world size {world}")
 
+    backend = backend or os.environ.get("MEGAWAN_BACKEND") or None
+    if backend not in (None, "nccl", "gloo"):
+        raise ValueError(f"backend must be 'nccl' or 'gloo', got {backend!r}")
     use_cuda = torch.cuda.is_available() and backend != "gloo"
     if use_cuda:
         torch.cuda.set_device(env["local_rank"] % torch.cuda.device_count())

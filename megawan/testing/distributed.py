@@ -37,6 +37,7 @@ def _worker(rank, world_size, port, backend, fn, args, kwargs, results):
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), MEGAWAN_TEST_BACKEND=backend,
+        MEGAWAN_BACKEND=backend,  # gloo keeps ranks on CPU even where some GPUs exist
     )
     torch.set_num_threads(1)
     try:
