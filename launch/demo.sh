@@ -8,4 +8,6 @@ NPROC=${1:-4}; TP=${2:-2}; CP=${3:-2}
 DATA=${MEGAWAN_DEMO_DATA:-outputs/sample_1x}
 [ -d "$DATA/train_v2.0_raw" ] || python -m megawan.tools.make_sample_data --out "$DATA"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# megatron-core and torch print deprecation notices from every rank; keep the report readable
+export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning}
 exec bash launch/torchrun.sh "$NPROC" megawan.tools.forward_demo --data "$DATA/train_v2.0_raw" --tp "$TP" --cp "$CP"
