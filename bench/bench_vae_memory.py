@@ -7,9 +7,23 @@ are built and one small warm-up decode has run; the high-water mark is reset thr
 torch allocator, and is measured in each rank's own process. On a GPU, the same script reports
 ``torch.cuda.max_memory_allocated`` above the post-weights baseline instead.
 
+RSS includes what the C allocator keeps after ``free`` (glibc arenas, untrimmed heap tops), so ranks doing
+identical work can report different peaks. ``--live-bytes`` adds the figure that does not depend on the C
+allocator: the peak of live tensor bytes. A second, identical decode runs under
+``torch.profiler.profile(profile_memory=True)``, which records every allocation and free made through
+torch's CPU allocator while it is active (every tensor, including the temporaries inside kernels such as
+oneDNN scratchpads and im2col buffers, from every thread of the rank) with its size and time. The running
+sum of those sizes in time order is the number of tensor bytes allocated since the decode started and still
+live; its maximum is the peak above the baseline (whatever was live before: weights, latents). Frees of
+blocks allocated before profiling started are not reported, so the figure can only err high, never low.
+``--malloc-arena-max`` / ``--malloc-trim-threshold`` set ``MALLOC_ARENA_MAX`` / ``MALLOC_TRIM_THRESHOLD_``
+for the ranks (glibc reads them at process start; ranks are spawned fresh) to test allocator retention.
+
 Weights are random (the figures do not depend on values); the structure and widths are the release's.
 
     python bench/bench_vae_memory.py --frames 17 --height 256 --width 256 --shards 1 2 4
+    python bench/bench_vae_memory.py --frames 17 --height 256 --width 256 --shards 1 2 4 --live-bytes \
+        --malloc-arena-max 1
 """
 
 from __future__ import annotations
@@ -60,7 +74,27 @@ def _random_decoder(config: WanVAE38Config, device) -> WanVAE38:
     return model.eval()
 
 
-def _rank_main(config: WanVAE38Config, latent_shape: tuple, frames_per_step: int) -> dict:
+def _live_peak_bytes(run) -> tuple[int, int]:
+    """(peak, end) live bytes allocated through torch's CPU allocator while ``run()`` executes, above what
+    was live before: the running sum of the profiler's allocation (+) and free (-) records. ``end`` is what
+    is still live when ``run`` returns (its result)."""
+    from torch._C._autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = run()
+    del result
+    sizes = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                   if e.name() == "[memory]" and e.device_type() == DeviceType.CPU)
+    live = peak = 0
+    for _, nbytes in sizes:
+        live += nbytes
+        peak = max(peak, live)
+    return peak, live
+
+
+def _rank_main(config: WanVAE38Config, latent_shape: tuple, frames_per_step: int,
+               live_bytes: bool = False) -> dict:
     world = int(os.environ["WORLD_SIZE"])
     groups = parallel_state.initialize(1, 1, vae_shards=world, num_heads=None)
     device = groups.device
@@ -86,9 +120,16 @@ def _rank_main(config: WanVAE38Config, latent_shape: tuple, frames_per_step: int
     else:
         peak = _rss_kib("VmHWM") * 1024
     seconds = time.perf_counter() - start
-    return {"rank": int(os.environ["RANK"]), "peak_above_base": peak - base, "base": base, "seconds": seconds,
-            "halo_bytes": stats.halo_bytes, "gather_bytes": stats.gather_bytes,
-            "frames": video.shape[2], "tile": tuple(video.shape[3:])}
+    result = {"rank": int(os.environ["RANK"]), "peak_above_base": peak - base, "base": base, "seconds": seconds,
+              "halo_bytes": stats.halo_bytes, "gather_bytes": stats.gather_bytes,
+              "frames": video.shape[2], "tile": tuple(video.shape[3:])}
+    if live_bytes and not cuda:  # on a GPU, max_memory_allocated above is already a live-tensor figure
+        del video
+        gc.collect()
+        live_peak, live_end = _live_peak_bytes(
+            lambda: model.decode(latents, groups.vae_group, frames_per_step=frames_per_step))
+        result.update(live_peak_above_base=live_peak, live_output_bytes=live_end)
+    return result
 
 
 def analytic_comm_bytes(config: WanVAE38Config, latent_shape: tuple, shards: int) -> tuple[int, int]:
@@ -134,14 +175,25 @@ def main() -> None:
     parser.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--frames-per-step", type=int, default=1)
     parser.add_argument("--tiny", action="store_true", help="tiny widths (smoke test of the script)")
+    parser.add_argument("--live-bytes", action="store_true",
+                        help="also run a profiled decode per rank and report the peak of live tensor bytes")
+    parser.add_argument("--malloc-arena-max", type=int, help="set MALLOC_ARENA_MAX for the ranks (glibc)")
+    parser.add_argument("--malloc-trim-threshold", type=int,
+                        help="set MALLOC_TRIM_THRESHOLD_ (bytes) for the ranks (glibc)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
+    # spawned ranks inherit the environment; glibc reads these when the rank process starts
+    if args.malloc_arena_max is not None:
+        os.environ["MALLOC_ARENA_MAX"] = str(args.malloc_arena_max)
+    if args.malloc_trim_threshold is not None:
+        os.environ["MALLOC_TRIM_THRESHOLD_"] = str(args.malloc_trim_threshold)
 
     config = WanVAE38Config.tiny() if args.tiny else WanVAE38Config()
     latent_shape = (1, config.z_dim, (args.frames - 1) // 4 + 1, args.height // 16, args.width // 16)
     results = {}
     for n in args.shards:
-        per_rank = run_distributed(_rank_main, n, config, latent_shape, args.frames_per_step, timeout_s=3600)
+        per_rank = run_distributed(_rank_main, n, config, latent_shape, args.frames_per_step, args.live_bytes,
+                                   timeout_s=3600)
         halo_analytic, gather_analytic = analytic_comm_bytes(config, latent_shape, n)
         results[n] = {"ranks": per_rank, "halo_analytic_interior": halo_analytic,
                       "gather_analytic": gather_analytic}
@@ -163,6 +215,21 @@ def main() -> None:
               f"{interior['halo_bytes'] / frames / mib:.2f} / {res['halo_analytic_interior'] / frames / mib:.2f} | "
               f"{interior['gather_bytes'] / frames / mib:.2f} / {res['gather_analytic'] / frames / mib:.2f} | "
               f"{max(r['seconds'] for r in ranks):.1f} |")
+    if args.live_bytes and "live_peak_above_base" in results[args.shards[0]]["ranks"][0]:
+        env = " ".join(f"{k}={os.environ[k]}" for k in ("MALLOC_ARENA_MAX", "MALLOC_TRIM_THRESHOLD_")
+                       if k in os.environ) or "default glibc malloc settings"
+        live_base = max(r["live_peak_above_base"] for r in results[args.shards[0]]["ranks"])
+        print(f"\nLive tensor bytes (profiled second decode) vs peak RSS ({env}):")
+        print("| N | live peak above baseline, max rank (MiB) | vs N=1 | live peaks per rank (MiB) | "
+              "RSS peak, max rank (MiB) | vs N=1 | RSS peaks per rank (MiB) |")
+        print("|---|---|---|---|---|---|---|")
+        for n, res in results.items():
+            ranks = res["ranks"]
+            live = [r["live_peak_above_base"] for r in ranks]
+            rss = [r["peak_above_base"] for r in ranks]
+            print(f"| {n} | {max(live) / mib:.0f} | {max(live) / live_base:.2f} | "
+                  f"{', '.join(f'{v / mib:.0f}' for v in live)} | {max(rss) / mib:.0f} | {max(rss) / base:.2f} | "
+                  f"{', '.join(f'{v / mib:.0f}' for v in rss)} |")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2, default=str))
 

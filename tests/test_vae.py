@@ -88,6 +88,25 @@ def test_frame_groups_and_streaming_match(reference):
     assert torch.equal(torch.cat(pieces, dim=2), whole)
 
 
+def test_output_channel_groups_change_nothing(reference, monkeypatch):
+    """Large weights run in groups of output channels on CPU (bounding oneDNN's weight-reorder temporary);
+    forcing 16-channel groups on the tiny VAE must give the very same encode and decode."""
+    import torch.nn.functional as F
+
+    from megawan.layers import vae_conv
+
+    _, ours, _ = reference
+    torch.manual_seed(3)
+    video = torch.rand(1, 3, 9, 32, 48) * 2 - 1
+    latents = torch.randn(1, 48, 3, 2, 3)
+    whole = ours.encode(video), ours.decode(latents)
+    x, w, b = torch.randn(1, 24, 3, 6, 7), torch.randn(40, 24, 3, 3, 3), torch.randn(40)
+    monkeypatch.setattr(vae_conv, "WEIGHT_GROUP_BYTES", 1)  # -> 16 channels a group, 40 = 16 + 16 + 8
+    assert torch.equal(vae_conv.conv_by_output_groups(F.conv3d, x, w, b), F.conv3d(x, w, b))
+    grouped = ours.encode(video), ours.decode(latents)
+    assert torch.equal(grouped[0], whole[0]) and torch.equal(grouped[1], whole[1])
+
+
 def test_bad_inputs_are_refused(reference):
     _, ours, _ = reference
     with pytest.raises(ValueError, match="channels"):

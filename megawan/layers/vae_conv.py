@@ -7,6 +7,10 @@ the whole clip.
 
 Space: 3x3 windows read one row/column from neighbour tiles through ``pad_with_halo``, applied AFTER the
 cached frames are prepended, so caches hold only this rank's tile and never need to be exchanged.
+
+Weights: on CPU, oneDNN copies a convolution's whole weight into its blocked layout on every call. That
+temporary is as large as the weight (108 MiB for a 1024 -> 1024 3x3x3 conv) and does not shrink with the
+tile, so large weights are applied in groups of output channels (``conv_by_output_groups``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from megawan.layers.vae_halo import pad_with_halo
 from megawan.layers.vae_partition import SpatialPartition
 
 CACHED_FRAMES = 2  # temporal kernel 3, causal: each output frame reads its 2 predecessors
+WEIGHT_GROUP_BYTES = 8 * 2 ** 20  # CPU: largest weight slice one convolution call reorders at a time
 
 
 @dataclass
@@ -42,6 +47,32 @@ def prepend_history(module: nn.Module, x: torch.Tensor, ctx: StreamContext) -> t
     return F.pad(seq, (0, 0, 0, 0, missing, 0)) if missing else seq
 
 
+def conv_by_output_groups(conv, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          stride=1) -> torch.Tensor:
+    """``conv(x, weight, bias, stride)`` (F.conv2d / F.conv3d), on CPU split into groups of output channels
+    whose weight slice is at most ``WEIGHT_GROUP_BYTES``, each written into one preallocated output.
+
+    Each output channel is still one kernel's reduction over all input channels and taps, so the result is
+    the same (bit-identical with oneDNN and with the im2col fallback on the AVX-512 CPU this was measured on;
+    tests/test_vae.py checks it);
+    the oneDNN weight-reorder temporary becomes one slice instead of the whole weight. Other devices and
+    small weights take a single call.
+    """
+    per_channel = weight[0].numel() * weight.element_size()
+    group = max(16, WEIGHT_GROUP_BYTES // per_channel // 16 * 16)  # multiples of oneDNN's 16-channel blocks
+    if x.device.type != "cpu" or group >= weight.shape[0]:
+        return conv(x, weight, bias, stride)
+    out = None
+    for start in range(0, weight.shape[0], group):
+        stop = min(start + group, weight.shape[0])
+        part = conv(x, weight[start:stop], None if bias is None else bias[start:stop], stride)
+        if out is None:
+            out = part.new_empty(part.shape[0], weight.shape[0], *part.shape[2:])
+        out[:, start:stop] = part
+        del part
+    return out
+
+
 class CausalConv3d(nn.Conv3d):
     """Conv3d with kernel 1 or 3 per axis: causal in time (cached history), 'same' in space (halos)."""
 
@@ -57,7 +88,7 @@ class CausalConv3d(nn.Conv3d):
             x = prepend_history(self, x, ctx)
         if kh == 3:
             x = pad_with_halo(x, ctx.part)
-        return F.conv3d(x, self.weight, self.bias)
+        return conv_by_output_groups(F.conv3d, x, self.weight, self.bias)
 
 
 def _per_frame(fn, x: torch.Tensor) -> torch.Tensor:
@@ -82,7 +113,8 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: StreamContext) -> torch.Tensor:
         x = pad_with_halo(x, ctx.part, top=0, bottom=1, left=0, right=1)
-        x = _per_frame(self.conv, x)
+        x = _per_frame(lambda f: conv_by_output_groups(F.conv2d, f, self.conv.weight, self.conv.bias,
+                                                       self.conv.stride), x)
         if self.time_conv is None:
             return x
         prev = ctx.cache.get(self.time_conv)
@@ -117,6 +149,6 @@ class Upsample(nn.Module):
 
         def up_conv(frames: torch.Tensor) -> torch.Tensor:
             up = F.interpolate(frames, scale_factor=2.0, mode="nearest-exact")
-            return self.conv(up[..., 1:-1, 1:-1])
+            return conv_by_output_groups(F.conv2d, up[..., 1:-1, 1:-1], self.conv.weight, self.conv.bias)
 
         return _per_frame(up_conv, x)
