@@ -90,7 +90,9 @@ def test_frame_groups_and_streaming_match(reference):
 
 def test_output_channel_groups_change_nothing(reference, monkeypatch):
     """Large weights run in groups of output channels on CPU (bounding oneDNN's weight-reorder temporary);
-    forcing 16-channel groups on the tiny VAE must give the very same encode and decode."""
+    forcing 16-channel groups on the tiny VAE must give the same encode and decode. Each output channel
+    is computed from the same inputs and weights either way; oneDNN may still pick another kernel for
+    another channel count on some CPUs, so the bound is float rounding (1e-6), not bit equality."""
     import torch.nn.functional as F
 
     from megawan.layers import vae_conv
@@ -102,9 +104,9 @@ def test_output_channel_groups_change_nothing(reference, monkeypatch):
     whole = ours.encode(video), ours.decode(latents)
     x, w, b = torch.randn(1, 24, 3, 6, 7), torch.randn(40, 24, 3, 3, 3), torch.randn(40)
     monkeypatch.setattr(vae_conv, "WEIGHT_GROUP_BYTES", 1)  # -> 16 channels a group, 40 = 16 + 16 + 8
-    assert torch.equal(vae_conv.conv_by_output_groups(F.conv3d, x, w, b), F.conv3d(x, w, b))
+    assert rel_err(vae_conv.conv_by_output_groups(F.conv3d, x, w, b), F.conv3d(x, w, b)) <= 1e-6
     grouped = ours.encode(video), ours.decode(latents)
-    assert torch.equal(grouped[0], whole[0]) and torch.equal(grouped[1], whole[1])
+    assert rel_err(grouped[0], whole[0]) <= 1e-6 and rel_err(grouped[1], whole[1]) <= 1e-6
 
 
 def test_bad_inputs_are_refused(reference):
