@@ -22,10 +22,11 @@ class VideoReader(abc.ABC):
 
     def __init__(self, path: str):
         self.path = str(path)
+        self._num_frames = 0  # set by the backend when it opens the file
 
     @property
-    @abc.abstractmethod
-    def num_frames(self) -> int: ...
+    def num_frames(self) -> int:
+        return self._num_frames
 
     @abc.abstractmethod
     def _read_sorted(self, indices: list[int]) -> torch.Tensor:

@@ -32,10 +32,6 @@ class DecordReader(VideoReader):
         except Exception as e:  # noqa: BLE001 - DECORDError and RuntimeError for bad files
             raise BadInputError(UNREADABLE_VIDEO, self.path, None, f"cannot open: {e}") from e
 
-    @property
-    def num_frames(self) -> int:
-        return self._num_frames
-
     def _read_sorted(self, indices: list[int]) -> torch.Tensor:
         try:
             return torch.from_numpy(self._reader.get_batch(indices).asnumpy())

@@ -42,10 +42,6 @@ class NvCodecReader(VideoReader):
         except Exception as e:  # noqa: BLE001
             raise BadInputError(UNREADABLE_VIDEO, self.path, None, f"cannot open: {e}") from e
 
-    @property
-    def num_frames(self) -> int:
-        return self._num_frames
-
     def _read_sorted(self, indices: list[int]) -> torch.Tensor:
         try:
             frames = self._decoder.get_batch_frames_by_index(indices)

@@ -61,10 +61,7 @@ class PyAVReader(VideoReader):
         self._keyframes = np.flatnonzero(np.asarray(keyframe)[order])
         if self._keyframes.size == 0 or self._keyframes[0] != 0:
             self._keyframes = np.concatenate([[0], self._keyframes])
-
-    @property
-    def num_frames(self) -> int:
-        return int(self._pts.size)
+        self._num_frames = int(self._pts.size)
 
     def _seek(self, index: int) -> None:
         key = int(self._keyframes[np.searchsorted(self._keyframes, index, side="right") - 1])

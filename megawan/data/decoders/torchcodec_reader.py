@@ -33,10 +33,6 @@ class TorchCodecReader(VideoReader):
         except Exception as e:  # noqa: BLE001 - torchcodec raises RuntimeError/ValueError for bad files
             raise BadInputError(UNREADABLE_VIDEO, self.path, None, f"cannot open: {e}") from e
 
-    @property
-    def num_frames(self) -> int:
-        return self._num_frames
-
     def _read_sorted(self, indices: list[int]) -> torch.Tensor:
         try:
             return self._decoder.get_frames_at(indices).data
