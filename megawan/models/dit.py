@@ -9,12 +9,16 @@ Under CP every gradient is a partial sum over CP ranks (they fold into the data-
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from megatron.core import ModelParallelConfig
+from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megawan import parallel_state
+from megawan.checkpoint.dit_io import load_dit_weights, save_dit_weights
 from megawan.layers.attention import CrossAttention, FeedForward, SelfAttention
 from megawan.layers.attention_kernels import check_backend
 from megawan.layers.embeddings import PatchEmbedding, WanHead, timestep_sinusoid
@@ -163,8 +167,6 @@ class WanDiT(nn.Module):
             text = torch.cat([text, text.new_zeros(cfg.text_len - text.shape[0], *text.shape[1:])])
         context = self.text_embedding(text).to(self.runtime.dtype)
         if self.groups.tp > 1:
-            from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
-
             # One all-reduce of the context grad for all blocks (instead of one per block).
             context = copy_to_tensor_model_parallel_region(context, group=self.groups.tp_group)
         return context
@@ -197,19 +199,12 @@ class WanDiT(nn.Module):
         Reads ``config.json`` (official or diffusers), detects the key layout, and reads only this
         rank's TP slices of each tensor (lazy safetensors slicing).
         """
-        from dataclasses import replace
-
-        from megawan.checkpoint.dit_io import load_dit_weights
-
         config = WanDiTConfig.load(path)
-        runtime = replace(runtime or DiTRuntime(), dtype=dtype)
-        model = cls(config, groups, replace(runtime, init_weights=False))
+        model = cls(config, groups, replace(runtime or DiTRuntime(), dtype=dtype, init_weights=False))
         load_dit_weights(model, path)
         return model
 
     def save_pretrained(self, path, layout: str = "official", max_shard_bytes: int = 5 * 2**30) -> None:
         """Write the full model (gathered over TP) in the official or diffusers layout, from rank 0."""
-        from megawan.checkpoint.dit_io import save_dit_weights
-
         save_dit_weights(self, path, layout=layout, max_shard_bytes=max_shard_bytes)
 
