@@ -34,6 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._table import format_table  # noqa: E402
+
 from megawan import parallel_state  # noqa: E402
 from megawan.layers.attention_kernels import _installed  # noqa: E402
 from megawan.layers.linear import resolve_linear_impl  # noqa: E402
@@ -107,12 +109,6 @@ def run_case(block, cfg, tokens: int, grid, device, warmup: int, iters: int) -> 
         mem = {"base": base, "peak": torch.cuda.max_memory_allocated(device)}
     flops = block_flops(tokens, D, cfg.ffn_dim, cfg.text_len)
     return {"tokens": tokens, "grid": grid, "t_fwd": t_fwd, "t_step": t_step, "flops": flops, "mem": mem}
-
-
-def format_table(rows, header) -> str:
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(str(c).rjust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
 
 
 def main(argv=None) -> None:

@@ -43,6 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._collective_counter import CollectiveCounter  # noqa: E402
+from bench._table import format_table as _format_table  # noqa: E402
 from megawan import parallel_state  # noqa: E402
 from megawan.models.dit import DiTRuntime, WanDiT, WanDiTConfig  # noqa: E402
 from megawan.parallel_state.grads import reduce_model_parallel_grads  # noqa: E402
@@ -154,12 +155,8 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:,.0f}"
 
 
-def format_table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(str(c).rjust(w) if j >= 4 else str(c).ljust(w)  # noqa: E731
-                                       for j, (c, w) in enumerate(zip(r, widths))) + " |"
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(header), sep] + [line(r) for r in rows])
+def format_table(rows, header) -> str:
+    return _format_table(rows, header, left_columns=4)
 
 
 def report(cases, results, scale_tokens: int) -> str:

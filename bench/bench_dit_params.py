@@ -24,6 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._table import format_table  # noqa: E402
+
 from megawan import parallel_state  # noqa: E402
 from megawan.models.dit import DiTRuntime, WanDiT, WanDiTConfig  # noqa: E402
 from megawan.testing import run_distributed  # noqa: E402
@@ -76,12 +78,6 @@ def rank_main(tps: list[int], num_layers: int) -> dict:
 
 def _gib(n: float) -> str:
     return f"{n / 2**30:.3f}"
-
-
-def format_table(rows, header) -> str:
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(str(c).rjust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
 
 
 def main(argv=None) -> None:

@@ -39,7 +39,7 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
 
 
 def _adjoint_pair(name: str, forward, backward):
-    """An autograd Function computing ``forward(x, group)`` whose backward is ``backward(grad, group)``."""
+    """``op(x, group)``: ``forward(x, group)`` with backward ``backward(grad, group)``; identity on 1 rank."""
 
     def fwd(ctx, x, group):
         ctx.group = group
@@ -48,28 +48,21 @@ def _adjoint_pair(name: str, forward, backward):
     def bwd(ctx, grad):
         return backward(grad, ctx.group), None
 
-    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
+    fn = type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
+
+    def op(x: torch.Tensor, group) -> torch.Tensor:
+        return x if _world(group) == 1 else fn.apply(x, group)
+
+    return op
 
 
 # Every rank sees the same loss: a gather's backward keeps this rank's slice, and a slice of a
 # replicated tensor gathers the gradients back.
-_GatherDim0 = _adjoint_pair("_GatherDim0", _all_gather_dim0, _own_slice_dim0)
-_SliceDim0 = _adjoint_pair("_SliceDim0", _own_slice_dim0, _all_gather_dim0)
+gather_dim0 = _adjoint_pair("GatherDim0", _all_gather_dim0, _own_slice_dim0)
+slice_dim0 = _adjoint_pair("SliceDim0", _own_slice_dim0, _all_gather_dim0)
 # A sum over ranks where each rank's result feeds a different part of the loss: the gradient of
 # each input is the sum of all ranks' output gradients.
-_AllReduceSum = _adjoint_pair("_AllReduceSum", _all_reduce, _all_reduce)
-
-
-def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
-    return x if _world(group) == 1 else _AllReduceSum.apply(x, group)
-
-
-def gather_dim0(x: torch.Tensor, group) -> torch.Tensor:
-    return x if _world(group) == 1 else _GatherDim0.apply(x, group)
-
-
-def slice_dim0(x: torch.Tensor, group) -> torch.Tensor:
-    return x if _world(group) == 1 else _SliceDim0.apply(x, group)
+all_reduce_sum = _adjoint_pair("AllReduceSum", _all_reduce, _all_reduce)
 
 
 def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
@@ -97,15 +90,6 @@ def _seq_to_heads(x: torch.Tensor, group) -> torch.Tensor:
 
 
 # An all-to-all is a permutation: its backward is the inverse all-to-all.
-_HeadsToSeq = _adjoint_pair("_HeadsToSeq", _heads_to_seq, _seq_to_heads)
-_SeqToHeads = _adjoint_pair("_SeqToHeads", _seq_to_heads, _heads_to_seq)
-
-
-def ulysses_heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
-    """Ulysses all-to-all: [s/c, b, h, d] (local tokens, all local heads) -> [s, b, h/c, d]."""
-    return x if _world(group) == 1 else _HeadsToSeq.apply(x, group)
-
-
-def ulysses_seq_to_heads(x: torch.Tensor, group) -> torch.Tensor:
-    """Inverse Ulysses all-to-all: [s, b, h/c, d] -> [s/c, b, h, d]."""
-    return x if _world(group) == 1 else _SeqToHeads.apply(x, group)
+# Ulysses: [s/c, b, h, d] (local tokens, all local heads) <-> [s, b, h/c, d] (all tokens, h/c heads).
+ulysses_heads_to_seq = _adjoint_pair("UlyssesHeadsToSeq", _heads_to_seq, _seq_to_heads)
+ulysses_seq_to_heads = _adjoint_pair("UlyssesSeqToHeads", _seq_to_heads, _heads_to_seq)
