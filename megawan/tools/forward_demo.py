@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megawan import parallel_state
+from megawan.diffusion import flow_matching_loss, noisy_latents, token_timesteps
 from megawan.data.world_model_1x.dataset import WorldModel1XConfig, WorldModel1XDataset
 from megawan.models.dit import DiTRuntime, WanDiT
 from megawan.models.dit_config import WanDiTConfig
@@ -48,16 +49,15 @@ def _build_dit(args, groups) -> WanDiT:
 
 
 def _step(model: WanDiT, latents, noise, sigma: float, text):
-    """Flow matching for TI2V: frame 0 clean (t = 0), v = noise - x0, loss on frames 1.. only."""
+    """Flow matching for TI2V (megawan.diffusion): frame 0 clean at t = 0, v = noise - x0, loss on frames 1..."""
     b, _, f, h, w = latents.shape
     pt, ph, pw = model.config.patch_size
-    per_frame = (h // ph) * (w // pw)
-    x_t = (1 - sigma) * latents + sigma * noise
-    x_t[:, :, 0] = latents[:, :, 0]
-    t = torch.full((b, (f // pt) * per_frame), sigma * 1000.0, device=latents.device)
-    t[:, :per_frame] = 0.0
+    sigmas = torch.full((b,), sigma)
+    clean = torch.ones(b, dtype=torch.int64)
+    x_t = noisy_latents(latents, noise, sigmas, clean)
+    t = token_timesteps(sigmas, clean, (f // pt, h // ph, w // pw)).to(latents.device)
     v = model(x_t, t, text)
-    loss = ((v - (noise - latents))[:, :, 1:] ** 2).mean()
+    loss = flow_matching_loss(v, latents, noise, clean)
     loss.backward()
     return v.detach(), loss.detach()
 
