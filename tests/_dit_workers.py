@@ -39,7 +39,7 @@ def forward_layouts(ckpt_dir, cases, layouts, dtype=torch.float32):
     return results if dist.get_rank() == 0 else None
 
 
-def backward_layout(ckpt_dir, case, weight, tp, cp, sp=True, checkpointing=False):
+def backward_layout(ckpt_dir, case, weight, tp, cp, sp=True, checkpointing=False, states=None):
     """Loss = sum(out * weight); return output, latent grad and full (TP-gathered) parameter grads."""
     groups = parallel_state.initialize(tp, cp)
     model = WanDiT.from_pretrained(ckpt_dir, groups=groups, runtime=DiTRuntime(
@@ -48,7 +48,7 @@ def backward_layout(ckpt_dir, case, weight, tp, cp, sp=True, checkpointing=False
     dev = groups.device
     x, t, text = (v.to(dev) for v in case)
     x.requires_grad_(True)
-    out = model(x, t, text)
+    out = model(x, t, text, states=None if states is None else states.to(dev))
     (out * weight.to(dev)).sum().backward()
     reduce_model_parallel_grads(model, groups)
     grads = {n: _grad_full(p, groups) for n, p in model.named_parameters()}

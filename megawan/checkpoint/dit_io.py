@@ -6,12 +6,13 @@ dim 0. A TP-split parameter holds, on rank r, the r-th slice of each of its rele
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from megawan.checkpoint.dit_keys import detect_layout, official_keys, to_layout
+from megawan.checkpoint.dit_keys import NEW_IN_MEGAWAN, detect_layout, official_keys, to_layout
 from megawan.checkpoint.safetensors_dir import CheckpointError, SafetensorsDir, write_safetensors_dir
 
 
@@ -47,10 +48,17 @@ def load_dit_weights(model, path) -> str:
     wanted = {n: [to_layout(k, layout) for k in official_keys(n)] for n, _ in model.named_parameters()}
     expected = {k for keys in wanted.values() for k in keys}
     missing, unexpected = expected - set(ckpt.keys()), set(ckpt.keys()) - expected
+    new = {to_layout(k, layout) for n in wanted if n.startswith(NEW_IN_MEGAWAN) for k in official_keys(n)}
+    if new and new <= missing:  # a released checkpoint: the state embedder keeps its zero initialisation
+        logging.getLogger("megawan").info("checkpoint %s has no state embedding: starting it at zero", path)
+        missing -= new
+        wanted = {n: keys for n, keys in wanted.items() if not n.startswith(NEW_IN_MEGAWAN)}
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path} ({layout} layout) does not match WanDiT({model.config}): "
                               f"missing keys [{_preview(missing)}]; unexpected keys [{_preview(unexpected)}]")
     for name, p in model.named_parameters():
+        if name not in wanted:
+            continue
         keys, dim = wanted[name], _tp_split_dim(p)
         want = _part_shape(p, len(keys), g.tp)
         for key in keys:

@@ -21,7 +21,10 @@ _TOP_LEVEL = [
     ("time_projection.1.", "condition_embedder.time_proj."),
     ("head.modulation", "scale_shift_table"),
     ("head.head.", "proj_out."),
+    # megawan's world-model state conditioning (no release has it; the diffusers spelling is megawan's)
+    ("state_embedding.", "condition_embedder.state_embedder."),
 ]
+NEW_IN_MEGAWAN = "state_embedding."  # official prefix of parameters a released checkpoint lacks
 # (official, diffusers) for names inside "blocks.N."
 _IN_BLOCK = [
     ("modulation", "scale_shift_table"),

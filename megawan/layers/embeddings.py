@@ -44,3 +44,34 @@ class WanHead(nn.Module):
         # x [s, b, dim] fp32; e [s or 1, b, dim] fp32
         shift, scale = (self.modulation.float() + e.unsqueeze(2)).unbind(2)
         return F.linear(self.norm(x) * (1 + scale) + shift, self.head.weight.float(), self.head.bias.float())
+
+
+class StateEmbedding(nn.Module):
+    """World-model conditioning: the robot states of one latent frame's video frames -> a [dim] vector.
+
+    Input [B, F, frames_per_latent * state_dim] (fp32); MLP Linear -> SiLU -> Linear whose last layer
+    starts at zero (adaLN-zero style), so a released checkpoint behaves exactly as released at step 0.
+    """
+
+    def __init__(self, state_dim: int, frames_per_latent: int, dim: int):
+        super().__init__()
+        self.state_dim, self.frames_per_latent = state_dim, frames_per_latent
+        self.linear_1 = nn.Linear(state_dim * frames_per_latent, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+        nn.init.zeros_(self.linear_2.weight)
+        nn.init.zeros_(self.linear_2.bias)
+
+    def group_frames(self, states: torch.Tensor, num_latent_frames: int) -> torch.Tensor:
+        """[B, T, state_dim] video-frame states, T = k * (F - 1) + 1 -> [B, F, k * state_dim].
+
+        The causal VAE maps video frame 0 alone to latent frame 0 (its state is repeated k times) and
+        frames k*(f-1)+1 .. k*f to latent frame f.
+        """
+        k = self.frames_per_latent
+        first = states[:, :1].expand(-1, k, -1)
+        grouped = torch.cat([first, states[:, 1:]], dim=1)
+        return grouped.reshape(states.shape[0], num_latent_frames, k * self.state_dim)
+
+    def forward(self, states: torch.Tensor, num_latent_frames: int) -> torch.Tensor:
+        x = self.group_frames(states.float(), num_latent_frames)
+        return self.linear_2(F.silu(self.linear_1(x)))

@@ -21,7 +21,7 @@ from megawan import parallel_state
 from megawan.checkpoint.dit_io import load_dit_weights, save_dit_weights
 from megawan.layers.attention import CrossAttention, FeedForward, SelfAttention
 from megawan.layers.attention_kernels import check_backend
-from megawan.layers.embeddings import PatchEmbedding, WanHead, timestep_sinusoid
+from megawan.layers.embeddings import PatchEmbedding, StateEmbedding, WanHead, timestep_sinusoid
 from megawan.layers.linear import resolve_linear_impl
 from megawan.layers.norms import FP32LayerNorm
 from megawan.layers.rope import rope_tables
@@ -62,7 +62,8 @@ class WanBlock(nn.Module):
 class WanDiT(nn.Module):
     """Wan 2.2 DiT for one TP x CP x DP layout.
 
-    forward(latents [B, C, F, H, W], timestep [B] or per-token [B, L], text [B, <=text_len, text_dim])
+    forward(latents [B, C, F, H, W], timestep [B] or per-token [B, L], text [B, <=text_len, text_dim],
+    states [B, T, state_dim] (world model only; T = frames_per_latent * (F - 1) + 1 video frames))
     returns the velocity [B, C_out, F, H, W], complete on every rank.
     """
 
@@ -90,6 +91,8 @@ class WanDiT(nn.Module):
                                             nn.Linear(d, d))
         self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.state_embedding = (StateEmbedding(config.state_dim, config.frames_per_latent, d)
+                                if config.state_dim else None)
         self.blocks = nn.ModuleList(WanBlock(config, mp_config, groups, rt, linear_impl)
                                     for _ in range(config.num_layers))
         self.head = WanHead(d, config.out_channels * config.patch_features, config.eps)
@@ -111,7 +114,7 @@ class WanDiT(nn.Module):
 
     # ---- forward pieces -------------------------------------------------------------------------
 
-    def _check_inputs(self, latents, timestep, text) -> tuple[int, int, int]:
+    def _check_inputs(self, latents, timestep, text, states=None) -> tuple[int, int, int]:
         cfg = self.config
         if latents.ndim != 5 or latents.shape[1] != cfg.in_channels:
             raise ValueError(f"latents must be [B, {cfg.in_channels}, F, H, W], got {tuple(latents.shape)}")
@@ -127,6 +130,13 @@ class WanDiT(nn.Module):
                              f"got {tuple(timestep.shape)}")
         if text.ndim != 3 or text.shape[0] != b or text.shape[2] != cfg.text_dim or text.shape[1] > cfg.text_len:
             raise ValueError(f"text must be [B={b}, <= {cfg.text_len}, {cfg.text_dim}], got {tuple(text.shape)}")
+        if states is not None:
+            if not cfg.state_dim:
+                raise ValueError("states were given but this model has no state conditioning (config state_dim=0)")
+            frames = cfg.frames_per_latent * (latents.shape[2] - 1) + 1
+            if tuple(states.shape) != (b, frames, cfg.state_dim):
+                raise ValueError(f"states must be [B, T, state_dim] = [{b}, {frames}, {cfg.state_dim}] "
+                                 f"({latents.shape[2]} latent frames), got {tuple(states.shape)}")
         return tuple(grid)
 
     def _shards(self, num_tokens: int) -> TokenShards:
@@ -148,14 +158,22 @@ class WanDiT(nn.Module):
         x = x.reshape(f, h, w, b, pt, ph, pw, -1).permute(3, 7, 0, 4, 1, 5, 2, 6)
         return x.reshape(b, -1, f * pt, h * ph, w * pw)
 
-    def _time_embeddings(self, timestep: torch.Tensor, shards: TokenShards):
-        """e [s or 1, B, dim] and e0 [s or 1, B, 6, dim] for this rank's tokens, fp32."""
+    def _time_embeddings(self, timestep: torch.Tensor, shards: TokenShards, grid, states=None):
+        """e [s or 1, B, dim] and e0 [s or 1, B, 6, dim] for this rank's tokens, fp32.
+
+        With states, each token's e gains its latent frame's state embedding (then e is per token).
+        """
+        start, end = shards.local_range
         if timestep.ndim == 1:
             t = timestep[None, :]
         else:  # per-token: only this rank's tokens (the [L, 6, dim] modulation is never materialised whole)
-            start, end = shards.local_range
             t = shards.pad(timestep.t())[start:end]
         e = self.time_embedding(timestep_sinusoid(t, self.config.freq_dim).float())
+        if states is not None and self.state_embedding is not None:
+            per_frame = self.state_embedding(states, grid[0])  # [B, F, dim]
+            # padding tokens (past the last frame) take the last frame's: they are dropped at the end
+            frame = (torch.arange(start, end, device=e.device) // (grid[1] * grid[2])).clamp(max=grid[0] - 1)
+            e = e + per_frame[:, frame].transpose(0, 1)
         e0 = self.time_projection(e).unflatten(-1, (6, self.config.dim))
         return e, e0
 
@@ -171,12 +189,13 @@ class WanDiT(nn.Module):
             context = copy_to_tensor_model_parallel_region(context, group=self.groups.tp_group)
         return context
 
-    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        grid = self._check_inputs(latents, timestep, text)
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+                states: torch.Tensor | None = None) -> torch.Tensor:
+        grid = self._check_inputs(latents, timestep, text, states)
         shards = self._shards(grid[0] * grid[1] * grid[2])
         x = shards.scatter(shards.pad(self._patchify(latents.float(), grid)))
         x = self.patch_embedding(x)
-        e, e0 = self._time_embeddings(timestep, shards)
+        e, e0 = self._time_embeddings(timestep, shards, grid, states)
         context = self._text_context(text)
         start, end = shards.cp_chunk
         cos, sin = rope_tables(self.config.head_dim, grid, start, end, shards.num_tokens,
@@ -193,13 +212,16 @@ class WanDiT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, groups: ParallelGroups | None = None,
-                        runtime: DiTRuntime | None = None) -> "WanDiT":
+                        runtime: DiTRuntime | None = None, state_dim: int | None = None) -> "WanDiT":
         """Build the model for the current layout from a released checkpoint directory and load it.
 
         Reads ``config.json`` (official or diffusers), detects the key layout, and reads only this
-        rank's TP slices of each tensor (lazy safetensors slicing).
+        rank's TP slices of each tensor (lazy safetensors slicing). ``state_dim`` adds world-model
+        state conditioning to a released model (its embedder starts at zero: outputs are unchanged).
         """
         config = WanDiTConfig.load(path)
+        if state_dim is not None:
+            config = replace(config, state_dim=state_dim)
         model = cls(config, groups, replace(runtime or DiTRuntime(), dtype=dtype, init_weights=False))
         load_dit_weights(model, path)
         return model

@@ -28,6 +28,10 @@ class WanDiTConfig:
     text_len: int = 512
     eps: float = 1e-6
     rope_theta: float = 10000.0
+    # World-model conditioning (not in the release): robot states of each latent frame's video frames,
+    # embedded and added to the time embedding per token. 0 = off (the released model).
+    state_dim: int = 0
+    frames_per_latent: int = 4  # the VAE's temporal compression: video frames behind one latent frame
 
     def __post_init__(self):
         object.__setattr__(self, "patch_size", tuple(self.patch_size))
@@ -35,6 +39,9 @@ class WanDiTConfig:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
         if (self.dim // self.num_heads) % 2:
             raise ValueError(f"head_dim {self.dim // self.num_heads} must be even for RoPE")
+        if self.state_dim < 0 or self.frames_per_latent < 1:
+            raise ValueError(f"state_dim must be >= 0 and frames_per_latent >= 1 "
+                             f"(got {self.state_dim}, {self.frames_per_latent})")
 
     @property
     def head_dim(self) -> int:
@@ -52,12 +59,14 @@ class WanDiTConfig:
             d = {"dim": d["num_attention_heads"] * d["attention_head_dim"], "num_heads": d["num_attention_heads"],
                  "ffn_dim": d["ffn_dim"], "num_layers": d["num_layers"], "in_channels": d["in_channels"],
                  "out_channels": d["out_channels"], "patch_size": d.get("patch_size", (1, 2, 2)),
-                 "freq_dim": d["freq_dim"], "text_dim": d["text_dim"], "eps": d["eps"]}
+                 "freq_dim": d["freq_dim"], "text_dim": d["text_dim"], "eps": d["eps"],
+                 **{k: d[k] for k in ("state_dim", "frames_per_latent") if k in d}}
         elif "in_dim" in d:  # official WanModel
             d = {"dim": d["dim"], "num_heads": d["num_heads"], "ffn_dim": d["ffn_dim"],
                  "num_layers": d["num_layers"], "in_channels": d["in_dim"], "out_channels": d["out_dim"],
                  "patch_size": d.get("patch_size", (1, 2, 2)), "freq_dim": d["freq_dim"],
-                 "text_dim": d.get("text_dim", 4096), "text_len": d.get("text_len", 512), "eps": d["eps"]}
+                 "text_dim": d.get("text_dim", 4096), "text_len": d.get("text_len", 512), "eps": d["eps"],
+                 **{k: d[k] for k in ("state_dim", "frames_per_latent") if k in d}}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -79,15 +88,19 @@ class WanDiTConfig:
         return cls.from_dict({k: v for k, v in d.items() if not k.startswith("_")
                               and k not in _IGNORED_RELEASE_KEYS})
 
+    def _state_keys(self) -> dict:
+        """megawan's own keys, written only for a state-conditioned model (the release has none)."""
+        return {"state_dim": self.state_dim, "frames_per_latent": self.frames_per_latent} if self.state_dim else {}
+
     def to_official(self) -> dict:
-        return {"_class_name": "WanModel", "model_type": "ti2v", "dim": self.dim, "ffn_dim": self.ffn_dim,
+        return {**self._state_keys(), "_class_name": "WanModel", "model_type": "ti2v", "dim": self.dim, "ffn_dim": self.ffn_dim,
                 "num_heads": self.num_heads, "num_layers": self.num_layers, "in_dim": self.in_channels,
                 "out_dim": self.out_channels, "patch_size": list(self.patch_size), "freq_dim": self.freq_dim,
                 "text_dim": self.text_dim, "text_len": self.text_len, "eps": self.eps,
                 "window_size": [-1, -1], "qk_norm": True, "cross_attn_norm": True}
 
     def to_diffusers(self) -> dict:
-        return {"_class_name": "WanTransformer3DModel", "num_attention_heads": self.num_heads,
+        return {**self._state_keys(), "_class_name": "WanTransformer3DModel", "num_attention_heads": self.num_heads,
                 "attention_head_dim": self.head_dim, "ffn_dim": self.ffn_dim, "num_layers": self.num_layers,
                 "in_channels": self.in_channels, "out_channels": self.out_channels,
                 "patch_size": list(self.patch_size), "freq_dim": self.freq_dim, "text_dim": self.text_dim,
