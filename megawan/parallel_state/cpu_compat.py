@@ -5,7 +5,11 @@ megatron-core assumes a GPU in three places that megawan reaches:
 * ``torch.cuda.current_device()`` -- the sequence-parallel all-gather / reduce-scatter and the
   global memory buffer allocate their outputs there;
 * the CUDA RNG tracker (``model_parallel_cuda_manual_seed`` / ``get_cuda_rng_tracker().fork()``);
-* ``torch.cuda.current_stream()`` -- used by megatron's DDP to order gradient reductions.
+* ``torch.cuda.current_stream()`` / ``synchronize()`` -- megatron's DDP orders gradient reductions on
+  streams; dist_checkpointing synchronises before writing;
+* megatron's optimizer (``CudaAsCpu`` / ``on_cpu``): scalars created on 'cuda', ``.cuda()`` calls and
+  CUDA type-name checks, wrapped around the optimizer's calls only; and its reshardable checkpoint load
+  into torch's Adam, the fallback where neither Apex nor TE is installed (``torch_adam_reshardable_load``).
 
 ``apply()`` installs CPU stand-ins for these. It is called by ``megawan.parallel_state.initialize``
 only when the ranks run on CPU and is idempotent; on a GPU machine nothing here is touched.
@@ -16,6 +20,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 _APPLIED = False
 
@@ -90,7 +95,87 @@ def apply() -> None:
     stream = _CpuStream()
     torch.cuda.current_stream = lambda device=None: stream
     torch.cuda.default_stream = lambda device=None: stream
+    torch.cuda.synchronize = lambda device=None: None  # dist_checkpointing syncs before writing
     mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     mcore_random.initialize_rng_tracker = lambda *a, **k: None
     _APPLIED = True
+
+
+class CudaAsCpu(TorchFunctionMode):
+    """Runs megatron-core's optimizer code on CPU tensors.
+
+    megatron's (distributed) optimizer hard-codes CUDA in a few places: ``torch.tensor(..., device='cuda')``
+    for its loss-scale / found-inf / norm scalars, ``.cuda()`` on state tensors, and type checks such as
+    ``param.type() == 'torch.cuda.BFloat16Tensor'``. Inside this mode a ``cuda`` device argument becomes
+    ``cpu``, ``.cuda()`` is the identity and ``Tensor.type()`` answers with the CUDA type name. Only the
+    optimizer's own calls run under it (``on_cpu`` below), never the model.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        if device is not None and not isinstance(device, int) and torch.device(device).type == "cuda":
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
+        return func(*args, **kwargs)
+
+
+class _OnCpu:
+    """Proxy of an object whose every method call runs under ``CudaAsCpu``."""
+
+    def __init__(self, target):
+        object.__setattr__(self, "_target", target)
+
+    def __getattr__(self, name):
+        value = getattr(self._target, name)
+        if not callable(value):
+            return value
+
+        def call(*args, **kwargs):
+            with CudaAsCpu():
+                return value(*args, **kwargs)
+
+        return call
+
+    def __setattr__(self, name, value):
+        setattr(self._target, name, value)
+
+
+def torch_adam_reshardable_load() -> None:
+    """Let megatron's distributed optimizer load a ``fully_reshardable`` checkpoint into torch's Adam.
+
+    Without Apex or Transformer Engine (every CPU rank) megatron-core 0.16.1 falls back to torch's Adam,
+    whose per-parameter state carries a ``step`` tensor. Its reshardable load copies every state key from
+    the checkpoint, which (rightly) stores ``step`` once per param group, not per tensor, and so fails with
+    ``KeyError: 'step'``. The step itself is restored from the param groups before this copy; this wrapper
+    only leaves it out of the per-tensor copy. Idempotent; nothing changes where the fused Adam is used.
+    """
+    from megatron.core.optimizer import distrib_optimizer as mdo
+
+    cls = mdo.DistributedOptimizer
+    if mdo.HAVE_APEX_OR_TE or getattr(cls, "_megawan_step_patch", False):
+        return
+    original = cls._set_main_param_and_optimizer_states
+
+    def set_states(self, model_param, tensors):
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
+        step = state.pop("step", None) if "step" not in tensors else None
+        try:
+            original(self, model_param, tensors)
+        finally:
+            if step is not None:
+                state["step"] = step
+
+    cls._set_main_param_and_optimizer_states = set_states
+    cls._megawan_step_patch = True
+
+
+def on_cpu(obj, device: torch.device):
+    """``obj`` itself on a GPU; on CPU ranks, a proxy running its methods under ``CudaAsCpu``."""
+    return obj if device.type == "cuda" else _OnCpu(obj)

@@ -87,10 +87,12 @@ def run_distributed(fn, world_size: int, *args, timeout_s: float = 600, grace_s:
     """
     backend = test_backend(world_size)
     ctx = mp.get_context("spawn")
+    # Not daemonic: ranks may start processes of their own (megatron's checkpoint writer does); the
+    # parent still kills every rank that outlives the call.
     results = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, backend, fn, args, kwargs, results),
-                         daemon=True) for r in range(world_size)]
+                         daemon=False) for r in range(world_size)]
     for p in procs:
         p.start()
     errors: list[str] = []

@@ -1,0 +1,116 @@
+"""What a training step costs: model FLOPs (for MFU) and each rank's memory (checked before building).
+
+FLOPs (``dit_flops``) count the GEMMs and the attention cores of the blocks, as bench/bench_dit_block_gpu.py
+does, plus the embeddings and the head; forward + backward = 3 x forward. Recomputation (activation
+checkpointing) is not counted: MFU measures useful model FLOPs, as Megatron reports it. FP8 GEMMs count
+as the same (bf16-equivalent) FLOPs.
+
+Memory (``estimate_memory``) per rank, in bytes, for megawan's layout (TP splits the block GEMMs and
+q/k-norm weights; everything else is replicated):
+- weights: GEMM weights in the compute dtype, the rest fp32;
+- gradients: megatron DDP's fp32 grad buffer (grad_reduce_in_fp32), one per parameter;
+- optimizer: the distributed optimizer's fp32 master copy + Adam's two moments (12 B / param), sharded
+  over the DP x CP ranks; an EMA adds a replicated fp32 copy (4 B / param);
+- activations: without checkpointing each block keeps what its backward needs; with it, only the block
+  inputs (fp32 residual) plus one block's worth during its recomputation. The per-token byte counts
+  below come from the block's dataflow (docs/training.md lists them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megawan.models.dit_config import WanDiTConfig
+
+GIB = 2**30
+
+
+def block_flops(tokens: int, dim: int, ffn: int, text_len: int) -> int:
+    """Forward FLOPs of one block on one sample: GEMMs (q, k, v, o; cross q, o; cross k, v on the text;
+    fc1, fc2) and the attention cores (self: L x L, cross: L x Lt)."""
+    L, D, F, Lt = tokens, dim, ffn, text_len
+    gemms = 2 * L * D * (4 * D + 2 * D + 2 * F) + 2 * Lt * D * 2 * D
+    cores = 4 * L * L * D + 4 * L * Lt * D
+    return gemms + cores
+
+
+def dit_flops(cfg: WanDiTConfig, tokens: int, batch: int = 1, backward: bool = True) -> int:
+    """Model FLOPs of a forward (x3 with backward) over ``batch`` samples of ``tokens`` video tokens."""
+    D, L = cfg.dim, tokens
+    embed = 2 * L * cfg.in_channels * cfg.patch_features * D + 2 * cfg.text_len * D * (cfg.text_dim + D)
+    time = 2 * L * D * (cfg.freq_dim + D + 6 * D)  # per-token time MLP and projection (TI2V)
+    head = 2 * L * D * cfg.out_channels * cfg.patch_features
+    fwd = cfg.num_layers * block_flops(L, D, cfg.ffn_dim, cfg.text_len) + embed + time + head
+    return batch * fwd * (3 if backward else 1)
+
+
+def dit_param_counts(cfg: WanDiTConfig) -> tuple[int, int]:
+    """(parameters split by TP, replicated parameters) of the DiT, from its config."""
+    D, F = cfg.dim, cfg.ffn_dim
+    split_per_block = (4 * (D * D + D)) * 2 + 4 * D + (D * F + F) + (F * D)  # q,k,v,o x2, q/k norms, fc1, fc2
+    split_per_block -= 2 * D  # the two o biases are replicated (row-parallel outputs), fc2's is not counted
+    replicated_per_block = 6 * D + 2 * D + 3 * D  # modulation, norm3, fc2 and o biases
+    embed = (cfg.in_channels * cfg.patch_features * D + D) + (cfg.text_dim * D + D + D * D + D) \
+        + (cfg.freq_dim * D + D + D * D + D) + (D * 6 * D + 6 * D)
+    if cfg.state_dim:
+        embed += cfg.state_dim * cfg.frames_per_latent * D + D + D * D + D
+    head = D * cfg.out_channels * cfg.patch_features + cfg.out_channels * cfg.patch_features + 2 * D
+    return cfg.num_layers * split_per_block, cfg.num_layers * replicated_per_block + embed + head
+
+
+# Activation bytes kept per token per block for backward (bf16 compute, fp32 residual stream), per the
+# block dataflow: fp32 residual / norm / modulation tensors ~ 10 x 4D, bf16 GEMM inputs and outputs
+# (q, k, v, attention out, o in, cross q / out, fc1 in) ~ 10 x 2D, and the FFN hidden (fc1 out, GELU out)
+# 2 x 2F. Megatron SP and Ulysses split all of them over tp x cp.
+def _block_activation_bytes_per_token(cfg: WanDiTConfig) -> int:
+    return 10 * 4 * cfg.dim + 10 * 2 * cfg.dim + 2 * 2 * cfg.ffn_dim
+
+
+@dataclass
+class MemoryEstimate:
+    weights: float
+    grads: float
+    optimizer: float
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.activations
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k} {getattr(self, k) / GIB:.1f}" for k in ("weights", "grads", "optimizer",
+                                                                         "activations"))
+        return f"{self.total / GIB:.1f} GiB ({parts} GiB)"
+
+
+def estimate_memory(cfg: WanDiTConfig, *, tokens: int, batch: int, tp: int, cp: int, dp: int,
+                    compute_bytes: int = 2, activation_checkpointing: bool = False, ema: bool = False,
+                    sequence_parallel: bool = True) -> MemoryEstimate:
+    split, replicated = dit_param_counts(cfg)
+    params = split / tp + replicated
+    weights = split / tp * compute_bytes + replicated * 4
+    grads = params * 4
+    optimizer = params * 12 / (dp * cp) + (params * 4 if ema else 0)
+    sp = tp if sequence_parallel else 1
+    local_tokens = batch * tokens / (cp * sp)
+    per_block = _block_activation_bytes_per_token(cfg) * local_tokens
+    if activation_checkpointing:
+        activations = cfg.num_layers * 4 * cfg.dim * local_tokens + per_block
+    else:
+        activations = cfg.num_layers * per_block
+    # the per-token modulation e0 (fp32 [tokens, 6, D]) and the time embedding, kept once per forward
+    activations += 7 * cfg.dim * 4 * local_tokens
+    return MemoryEstimate(weights, grads, optimizer, activations)
+
+
+def suggest_layout(cfg: WanDiTConfig, world: int, capacity: float, **kw) -> tuple[int, int, bool] | None:
+    """The smallest tp (then cp) dividing ``world`` whose estimate fits ``capacity`` (checkpointing last)."""
+    for ckpt in (False, True):
+        for tp in (1, 2, 4, 8):
+            for cp in (1, 2, 4, 8):
+                if world % (tp * cp) or cfg.num_heads % tp or (cfg.num_heads // tp) % cp:
+                    continue
+                est = estimate_memory(cfg, tp=tp, cp=cp, dp=world // (tp * cp), activation_checkpointing=ckpt, **kw)
+                if est.total <= capacity:
+                    return tp, cp, ckpt
+    return None

@@ -1,0 +1,118 @@
+"""megatron-core's DDP, distributed optimizer and LR schedule around a WanDiT, and the EMA of its weights.
+
+- ``DistributedDataParallel``: bucketed gradient reduction over the DP x CP ranks into an fp32 grad
+  buffer (``param.main_grad``); averaging divides by dp * cp, and the trainer scales the loss by cp
+  because each CP rank's gradient is a partial sum over its tokens (as Megatron's own loss functions do).
+- Replicated parameters tagged ``sequence_parallel`` (their gradients are partial sums over this rank's
+  SP tokens) are all-reduced over TP after the DP reduction: ``finish_grad_sync``.
+- The distributed optimizer (ZeRO-1): fp32 master weights and Adam moments sharded over DP x CP;
+  gradient clipping by the true global norm (megatron counts a TP-replicated parameter once).
+- ``OptimizerParamScheduler``: linear warmup, then cosine / linear decay to ``min_lr``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer import TransformerConfig
+
+from megawan.parallel_state import cpu_compat
+
+
+def wrap_ddp(model, groups, *, bucket_size: int | None = None) -> DistributedDataParallel:
+    """megatron DDP over DP x CP. Its TransformerConfig only carries the parallel sizes and dtype."""
+    cfg = model.config
+    tcfg = TransformerConfig(
+        num_layers=cfg.num_layers, hidden_size=cfg.dim, num_attention_heads=cfg.num_heads,
+        tensor_model_parallel_size=groups.tp, context_parallel_size=groups.cp,
+        sequence_parallel=model.sequence_parallel, bf16=model.runtime.dtype == torch.bfloat16,
+        params_dtype=model.runtime.dtype, use_cpu_initialization=groups.device.type == "cpu")
+    ddp_config = DistributedDataParallelConfig(
+        use_distributed_optimizer=True, grad_reduce_in_fp32=True,
+        # overlapping needs CUDA streams; on CPU ranks the reduction runs after backward
+        overlap_grad_reduce=groups.device.type == "cuda", bucket_size=bucket_size)
+    return DistributedDataParallel(tcfg, ddp_config, model)
+
+
+def build_optimizer(ddp: DistributedDataParallel, optim, groups, total_steps: int):
+    """(optimizer, scheduler); on CPU ranks the optimizer runs through ``cpu_compat.on_cpu``."""
+    bf16 = ddp.module.runtime.dtype == torch.bfloat16
+    cpu_compat.torch_adam_reshardable_load()
+    config = OptimizerConfig(
+        optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
+        clip_grad=optim.clip_grad, bf16=bf16, params_dtype=ddp.module.runtime.dtype,
+        use_distributed_optimizer=True)
+    with cpu_compat.CudaAsCpu() if groups.device.type == "cpu" else _null():
+        optimizer = get_megatron_optimizer(config, [ddp], use_gloo_process_groups=False)
+    optimizer = cpu_compat.on_cpu(optimizer, groups.device)
+    decay_steps = max(1, total_steps)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if optim.warmup_steps else optim.lr, max_lr=optim.lr, min_lr=optim.min_lr,
+        lr_warmup_steps=optim.warmup_steps, lr_decay_steps=decay_steps, lr_decay_style=optim.decay_style,
+        start_wd=optim.weight_decay, end_wd=optim.weight_decay, wd_incr_steps=decay_steps,
+        wd_incr_style="constant")
+    return optimizer, scheduler
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def finish_grad_sync(ddp: DistributedDataParallel, groups) -> None:
+    """DP x CP reduction (megatron DDP), then the TP all-reduce of sequence-parallel-tagged grads."""
+    ddp.finish_grad_sync()
+    if groups.tp > 1 and ddp.module.sequence_parallel:
+        grads = [p.main_grad for p in ddp.module.parameters() if getattr(p, "sequence_parallel", False)]
+        if grads:
+            flat = torch.cat([g.flatten() for g in grads])  # one collective for all of them
+            dist.all_reduce(flat, group=groups.tp_group)
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+
+def grads_are_finite(ddp: DistributedDataParallel) -> bool:
+    """Whether every rank's reduced gradients are finite (collective: all ranks agree)."""
+    total = torch.zeros(1, dtype=torch.float32, device=next(ddp.module.parameters()).device)
+    for p in ddp.module.parameters():
+        if p.main_grad is not None:
+            total += p.main_grad.float().sum()
+    flag = torch.tensor([0.0 if torch.isfinite(total).all() else 1.0], device=total.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0.0
+
+
+class EMA:
+    """Exponential moving average of this rank's parameter shards, fp32 (TP attributes kept for checkpoints)."""
+
+    def __init__(self, model, decay: float):
+        self.decay = decay
+        self.shadow = {}
+        for name, p in model.named_parameters():
+            t = p.detach().float().clone()
+            for attr in ("tensor_model_parallel", "partition_dim", "partition_stride"):
+                if hasattr(p, attr):
+                    setattr(t, attr, getattr(p, attr))
+            self.shadow[name] = t
+
+    @torch.no_grad()
+    def update(self, model) -> None:
+        for name, p in model.named_parameters():
+            self.shadow[name].lerp_(p.detach().float(), 1 - self.decay)
+
+    def named_tensors(self):
+        return self.shadow.items()
+
+    @torch.no_grad()
+    def load(self, tensors: dict) -> None:
+        for name, t in tensors.items():
+            self.shadow[name].copy_(t)
