@@ -188,7 +188,7 @@ def main() -> None:
     if args.malloc_trim_threshold is not None:
         os.environ["MALLOC_TRIM_THRESHOLD_"] = str(args.malloc_trim_threshold)
 
-    config = WanVAE38Config.tiny() if args.tiny else WanVAE38Config()
+    config = WanVAE38Config.preset("tiny") if args.tiny else WanVAE38Config()
     latent_shape = (1, config.z_dim, (args.frames - 1) // 4 + 1, args.height // 16, args.width // 16)
     results = {}
     for n in args.shards:

@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megawan import presets
 from megawan.layers.vae_blocks import DownStage, MidBlock, UpStage
 from megawan.layers.vae_conv import CausalConv3d, StreamContext
 from megawan.layers.vae_norm import RMSNorm
@@ -64,9 +65,14 @@ class WanVAE38Config:
             raise ValueError(f"latents_mean/std need z_dim={self.z_dim} entries")
 
     @classmethod
+    def preset(cls, name: str) -> WanVAE38Config:
+        """A preset shipped with the package: "tiny" (tests) or "wan2.2-ti2v-5b"."""
+        return cls(**presets.load("vae38", name))
+
+    @classmethod
     def tiny(cls) -> WanVAE38Config:
-        """Same structure, small widths: for tests on CPU."""
-        return cls(base_dim=8, decoder_base_dim=16)
+        """Same structure, small widths: for tests on CPU (the "tiny" preset)."""
+        return cls.preset("tiny")
 
     @property
     def image_channels(self) -> int:

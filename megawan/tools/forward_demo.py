@@ -84,7 +84,7 @@ def main(argv=None) -> dict:
     sample = data[groups.dp_rank % len(data)]
     torch.manual_seed(args.seed)
     vae = (WanVAE38.from_pretrained(args.vae_checkpoint, device=dev) if args.vae_checkpoint
-           else WanVAE38(WanVAE38Config.tiny()).to(dev))
+           else WanVAE38(WanVAE38Config.preset("tiny")).to(dev))
     t0 = time.perf_counter()
     latents = vae.encode(sample["video"][None].to(dev), groups.vae_group, gather_output=True)
     t_vae = time.perf_counter() - t0
