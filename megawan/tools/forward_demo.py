@@ -29,17 +29,6 @@ from megawan.parallel_state import ParallelGroups
 from megawan.parallel_state.grads import reduce_model_parallel_grads
 
 
-def _single_rank_groups(groups: ParallelGroups) -> ParallelGroups:
-    """A tp = cp = 1 layout on this rank alone (every rank must take part in new_group)."""
-    mine = None
-    for r in range(dist.get_world_size()):
-        g = dist.new_group([r])
-        if r == dist.get_rank():
-            mine = g
-    return ParallelGroups(mine, mine, mine, mine, mine, tp=1, cp=1, dp=1, tp_rank=0, cp_rank=0, dp_rank=0,
-                          device=groups.device)
-
-
 def _build_dit(args, groups) -> WanDiT:
     rt = DiTRuntime(sequence_parallel=not args.no_sp, linear_impl="local" if groups.device.type == "cpu" else "auto")
     if args.dit_checkpoint:
@@ -99,7 +88,7 @@ def main(argv=None) -> dict:
     t_dit = time.perf_counter() - t0
     grad = dit.patch_embedding.weight.grad.clone()  # replicated: complete after the reductions
 
-    single = _build_dit(args, _single_rank_groups(groups))
+    single = _build_dit(args, ParallelGroups.single_rank(groups.device))
     v1, loss1 = _step(single, latents, noise, args.sigma, text)
     report = {
         "rank": rank, "layout": {"tp": groups.tp, "cp": groups.cp, "dp": groups.dp,
