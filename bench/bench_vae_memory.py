@@ -41,8 +41,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megawan import parallel_state  # noqa: E402
-from megawan.layers.vae_partition import CommStats  # noqa: E402
-from megawan.models.vae import WanVAE38, WanVAE38Config  # noqa: E402
+from megawan.vae.partition import CommStats  # noqa: E402
+from megawan.vae.model import WanVAE38, WanVAE38Config  # noqa: E402
 from megawan.testing import run_distributed  # noqa: E402
 
 BYTES = 4  # fp32

@@ -16,7 +16,7 @@ CHECK = """
 import sys
 import megawan
 from megawan.models.dit_config import WanDiTConfig
-from megawan.models.vae import WanVAE38Config
+from megawan.vae import WanVAE38Config
 assert megawan.__file__.startswith(sys.argv[1]), megawan.__file__
 dit, vae = WanDiTConfig.preset("tiny"), WanVAE38Config.preset("tiny")
 assert WanDiTConfig.load("tiny") == dit

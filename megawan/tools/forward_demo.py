@@ -24,7 +24,7 @@ from megawan.diffusion import flow_matching_loss, noisy_latents, token_timesteps
 from megawan.data.world_model_1x.dataset import WorldModel1XConfig, WorldModel1XDataset
 from megawan.models.dit import DiTRuntime, WanDiT
 from megawan.models.dit_config import WanDiTConfig
-from megawan.models.vae import WanVAE38, WanVAE38Config
+from megawan.vae.model import WanVAE38, WanVAE38Config
 from megawan.parallel_state import ParallelGroups
 from megawan.parallel_state.grads import reduce_model_parallel_grads
 

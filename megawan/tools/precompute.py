@@ -143,7 +143,7 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     from megawan import parallel_state
     from megawan.data.text_encoder import UMT5TextEncoder
-    from megawan.models.vae import WanVAE38
+    from megawan.vae.model import WanVAE38
 
     logging.basicConfig(level=logging.INFO)
     args = parse_args(argv)

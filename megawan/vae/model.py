@@ -18,11 +18,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megawan import presets
-from megawan.layers.vae_blocks import DownStage, MidBlock, UpStage
-from megawan.layers.vae_conv import CausalConv3d, StreamContext
-from megawan.layers.vae_norm import RMSNorm
-from megawan.layers.vae_partition import CommStats, SpatialPartition
-from megawan.layers.vae_state_dict import detect_layout, to_external, to_internal
+from megawan.checkpoint.vae_io import locate_checkpoint, read_state_dict, write_diffusers, write_official
+from megawan.checkpoint.vae_keys import detect_layout, to_external, to_internal
+from megawan.vae.blocks import DownStage, MidBlock, UpStage
+from megawan.vae.conv import CausalConv3d, StreamContext
+from megawan.vae.norm import RMSNorm
+from megawan.vae.partition import CommStats, SpatialPartition
 
 # Per-channel statistics of the released VAE's latents: normalised = (mu - mean) / std.
 LATENTS_MEAN = (
@@ -296,8 +297,6 @@ class WanVAE38(nn.Module):
         diffusion_pytorch_model.safetensors) or a model repo root holding either. Without ``config`` the
         widths are read from config.json or inferred from the tensors.
         """
-        from megawan.layers.vae_checkpoint import locate_checkpoint, read_state_dict
-
         weights, diffusers_config = locate_checkpoint(Path(path))
         state = read_state_dict(weights, weights_only=weights_only)
         layout = detect_layout(state)
@@ -312,8 +311,6 @@ class WanVAE38(nn.Module):
 
     def save_pretrained(self, path: str | Path, layout: str = "diffusers") -> Path:
         """Save as a diffusers folder (``layout="diffusers"``) or an official ``.pth`` file."""
-        from megawan.layers.vae_checkpoint import write_diffusers, write_official
-
         state = to_external({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
                             layout, self.config.num_res_blocks)
         if layout == "official":
