@@ -1,70 +1,68 @@
 """Parameter names of the Wan 2.2 VAE: megawan's own, the release's (``Wan2.2_VAE.pth``) and diffusers'
-(``AutoencoderKLWan``). One rename table per layout maps a megawan name to its external name; loading
-walks megawan's parameters, so a missing or misshapen tensor is reported by the name the file uses.
+(``AutoencoderKLWan``). One table of (megawan, external) name fragments per layout and residual-block
+count (``megawan.checkpoint.renames``, the DiT's style); loading walks megawan's parameters, so a missing
+or misshapen tensor is reported by the name the file uses.
 """
 
 from __future__ import annotations
 
-import re
+import functools
 
 import torch
 
+from megawan.checkpoint.renames import rename
+
 LAYOUTS = ("official", "diffusers")
+NUM_STAGES = 4
 
-_RESIDUAL_OFFICIAL = {"norm1.gamma": "residual.0.gamma", "conv1": "residual.2", "norm2.gamma": "residual.3.gamma",
-                      "conv2": "residual.6", "shortcut": "shortcut"}
-_HEAD_OFFICIAL = {"norm_out.gamma": "head.0.gamma", "conv_out": "head.2"}
-
-
-def _official_name(key: str, num_res_blocks: int) -> str:
-    if key.startswith("quant_conv."):
-        return "conv1." + key.split(".", 1)[1]
-    if key.startswith("post_quant_conv."):
-        return "conv2." + key.split(".", 1)[1]
-    part, rest = key.split(".", 1)  # encoder | decoder
-    stages = "downsamples" if part == "encoder" else "upsamples"
-    resample_index = num_res_blocks if part == "encoder" else num_res_blocks + 1
-
-    def residual(tail: str) -> str:
-        for ours, theirs in _RESIDUAL_OFFICIAL.items():
-            if tail.startswith(ours):
-                return theirs + tail[len(ours):]
-        raise KeyError(key)
-
-    if rest.startswith("conv_in."):
-        return f"{part}.conv1.{rest[len('conv_in.'):]}"
-    for ours, theirs in _HEAD_OFFICIAL.items():
-        if rest.startswith(ours):
-            return f"{part}.{theirs}{rest[len(ours):]}"
-    if m := re.fullmatch(r"mid\.resnets\.(\d)\.(.+)", rest):
-        return f"{part}.middle.{2 * int(m[1])}.{residual(m[2])}"
-    if m := re.fullmatch(r"mid\.attn\.(.+)", rest):
-        return f"{part}.middle.1.{m[1]}"
-    if m := re.fullmatch(r"stages\.(\d+)\.resnets\.(\d+)\.(.+)", rest):
-        return f"{part}.{stages}.{m[1]}.{stages}.{m[2]}.{residual(m[3])}"
-    if m := re.fullmatch(r"stages\.(\d+)\.resample\.conv\.(.+)", rest):
-        return f"{part}.{stages}.{m[1]}.{stages}.{resample_index}.resample.1.{m[2]}"
-    if m := re.fullmatch(r"stages\.(\d+)\.resample\.time_conv\.(.+)", rest):
-        return f"{part}.{stages}.{m[1]}.{stages}.{resample_index}.time_conv.{m[2]}"
-    raise KeyError(f"no official name for {key}")
+# A residual block's layers: (megawan, release) where the release numbers its nn.Sequential.
+_RESIDUAL_OFFICIAL = [("norm1.", "residual.0."), ("conv1.", "residual.2."), ("norm2.", "residual.3."),
+                      ("conv2.", "residual.6."), ("shortcut.", "shortcut.")]
+_RESIDUAL_DIFFUSERS = [("shortcut.", "conv_shortcut."), ("", "")]  # ("", ""): the rest of the block keeps its names
 
 
-def _diffusers_name(key: str) -> str:
-    part = key.split(".", 1)[0]
-    key = re.sub(r"\.stages\.", ".down_blocks." if part == "encoder" else ".up_blocks.", key)
-    key = key.replace(".resample.conv.", (".downsampler" if part == "encoder" else ".upsampler") + ".resample.1.")
-    key = key.replace(".resample.time_conv.", (".downsampler" if part == "encoder" else ".upsampler") + ".time_conv.")
-    key = key.replace(".shortcut.", ".conv_shortcut.")
-    key = key.replace(".mid.resnets.", ".mid_block.resnets.").replace(".mid.attn.", ".mid_block.attentions.0.")
-    return key
+@functools.lru_cache(maxsize=None)
+def _table(layout: str, num_res_blocks: int) -> tuple[tuple[str, str], ...]:
+    """(megawan, ``layout``) fragments for every parameter of a VAE38 with ``num_res_blocks``."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown checkpoint layout {layout!r}; expected one of {LAYOUTS}")
+    official = layout == "official"
+    rows = [("quant_conv.", "conv1." if official else "quant_conv."),
+            ("post_quant_conv.", "conv2." if official else "post_quant_conv.")]
+    residual = _RESIDUAL_OFFICIAL if official else _RESIDUAL_DIFFUSERS
+    # The decoder's stages hold one more residual block; the resample follows the blocks.
+    for part, blocks in (("encoder", num_res_blocks), ("decoder", num_res_blocks + 1)):
+        enc = part == "encoder"
+        if official:
+            stage = f"{part}.{'downsamples' if enc else 'upsamples'}.{{s}}.{'downsamples' if enc else 'upsamples'}."
+            mid, attn = f"{part}.middle.{{i2}}.", f"{part}.middle.1."
+            resample = stage + f"{blocks}.resample.1.", stage + f"{blocks}.time_conv."
+            rows += [(f"{part}.conv_in.", f"{part}.conv1."), (f"{part}.norm_out.", f"{part}.head.0."),
+                     (f"{part}.conv_out.", f"{part}.head.2.")]
+        else:
+            stage = f"{part}.{'down_blocks' if enc else 'up_blocks'}.{{s}}."
+            mid, attn = f"{part}.mid_block.resnets.{{i}}.", f"{part}.mid_block.attentions.0."
+            sampler = stage + ("downsampler." if enc else "upsampler.")
+            resample = sampler + "resample.1.", sampler + "time_conv."
+            rows += [(f"{part}.{name}.", f"{part}.{name}.") for name in ("conv_in", "norm_out", "conv_out")]
+        rows.append((f"{part}.mid.attn.", attn))
+        rows += [(f"{part}.mid.resnets.{i}.{a}", mid.format(i=i, i2=2 * i) + b) for i in range(2) for a, b in residual]
+        for s in range(NUM_STAGES):
+            theirs = stage.format(s=s)
+            block = theirs if official else theirs + "resnets."
+            rows += [(f"{part}.stages.{s}.resnets.{j}.{a}", f"{block}{j}.{b}") for j in range(blocks)
+                     for a, b in residual]
+            rows += [(f"{part}.stages.{s}.resample.conv.", resample[0].format(s=s)),
+                     (f"{part}.stages.{s}.resample.time_conv.", resample[1].format(s=s))]
+    return tuple(rows)
 
 
 def external_name(key: str, layout: str, num_res_blocks: int) -> str:
-    if layout == "official":
-        return _official_name(key, num_res_blocks)
-    if layout == "diffusers":
-        return _diffusers_name(key)
-    raise ValueError(f"unknown checkpoint layout {layout!r}; expected one of {LAYOUTS}")
+    """The name megawan parameter ``key`` has in a ``layout`` checkpoint."""
+    name = rename(key, _table(layout, num_res_blocks))
+    if name is None:
+        raise KeyError(f"no {layout} name for VAE parameter {key}")
+    return name
 
 
 def detect_layout(state_dict: dict) -> str:
