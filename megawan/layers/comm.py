@@ -14,21 +14,19 @@ from megatron.core.tensor_parallel.mappings import (
     scatter_to_sequence_parallel_region,
 )
 
-
-def _world(group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
+from megawan.utils import group_size
 
 
 def gather_dim0(x: torch.Tensor, group) -> torch.Tensor:
     """All-gather dim 0; backward keeps this rank's slice (every rank computes the same loss)."""
-    if _world(group) == 1:
+    if group_size(group) == 1:
         return x
     return gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False, group=group)
 
 
 def slice_dim0(x: torch.Tensor, group) -> torch.Tensor:
     """This rank's slice of dim 0 of a replicated tensor; backward all-gathers the gradient."""
-    return x if _world(group) == 1 else scatter_to_sequence_parallel_region(x, group=group)
+    return x if group_size(group) == 1 else scatter_to_sequence_parallel_region(x, group=group)
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -50,7 +48,7 @@ class _AllReduceSum(torch.autograd.Function):
 
 
 def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
-    return x if _world(group) == 1 else _AllReduceSum.apply(x, group)
+    return x if group_size(group) == 1 else _AllReduceSum.apply(x, group)
 
 
 # Ulysses: [s/c, b, h, d] (local tokens, all local heads) <-> [s, b, h/c, d] (all tokens, h/c heads).
@@ -60,7 +58,7 @@ def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
 
 def ulysses_heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
     """[s/c, b, h, d] -> [s, b, h/c, d]: send head group j to rank j, receive every rank's tokens."""
-    n = _world(group)
+    n = group_size(group)
     if n == 1:
         return x
     s, b, h, d = x.shape
@@ -70,7 +68,7 @@ def ulysses_heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
 
 def ulysses_seq_to_heads(x: torch.Tensor, group) -> torch.Tensor:
     """[s, b, h/c, d] -> [s/c, b, h, d]: the inverse of ``ulysses_heads_to_seq``."""
-    n = _world(group)
+    n = group_size(group)
     if n == 1:
         return x
     s, b, h, d = x.shape

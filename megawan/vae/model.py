@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from megawan import presets
 from megawan.checkpoint.vae_io import locate_checkpoint, read_state_dict, write_diffusers, write_official
 from megawan.checkpoint.vae_keys import detect_layout, to_external, to_internal
+from megawan.utils import group_size
 from megawan.vae.blocks import DownStage, MidBlock, UpStage
 from megawan.vae.conv import CausalConv3d, StreamContext
 from megawan.vae.norm import RMSNorm
@@ -145,7 +146,7 @@ def _time_chunks(x: torch.Tensor, size: int) -> list[torch.Tensor]:
 
 def _gather_shapes(shape: torch.Size, group, device) -> list[tuple[int, ...]]:
     mine = torch.tensor(list(shape), dtype=torch.int64, device=device)
-    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    every = [torch.empty_like(mine) for _ in range(group_size(group))]
     dist.all_gather(every, mine, group=group)
     return [tuple(int(v) for v in s.tolist()) for s in every]
 
@@ -158,7 +159,7 @@ def plan_partition(shape: torch.Size, group, *, factor: int, grid=None, band_inp
     rank instead of hanging a later exchange.
     """
     b, c, t, h, w = shape
-    if group is None or dist.get_world_size(group) == 1:
+    if group_size(group) == 1:
         return SpatialPartition.single(h // factor, w // factor, stats)
     grid = SpatialPartition.resolve_grid(group, grid)
     shapes = _gather_shapes(shape, group, device)
