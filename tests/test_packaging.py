@@ -45,3 +45,13 @@ def test_installed_copy_loads_the_presets(tmp_path):
                          timeout=300, cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["288", "24", "2", "8", "16"]
+
+
+def test_unknown_preset_names_the_available_ones():
+    from megawan.models.dit_config import WanDiTConfig
+    from megawan.vae import WanVAE38Config
+
+    with pytest.raises(ValueError, match=r"no vae38 preset 'huge'; available: \['tiny', 'wan2.2-ti2v-5b'\]"):
+        WanVAE38Config.preset("huge")
+    with pytest.raises(FileNotFoundError, match=r"nor a preset: \['tiny', 'wan2.2-ti2v-5b'\]"):
+        WanDiTConfig.load("huge")
