@@ -6,6 +6,7 @@ setup(
     description="Megatron-style training and inference of Wan 2.2 TI2V-5B (DiT + VAE38)",
     python_requires=">=3.11",
     packages=find_packages(include=["megawan", "megawan.*"]),
+    package_data={"megawan.presets": ["*/*.json"]},  # model presets, read through importlib.resources
     install_requires=[
         "torch>=2.4",
         "megatron-core>=0.16",

@@ -41,8 +41,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megawan import parallel_state  # noqa: E402
-from megawan.layers.vae_partition import CommStats  # noqa: E402
-from megawan.models.vae import WanVAE38, WanVAE38Config  # noqa: E402
+from megawan.vae.partition import CommStats  # noqa: E402
+from megawan.vae.model import WanVAE38, WanVAE38Config  # noqa: E402
 from megawan.testing import run_distributed  # noqa: E402
 
 BYTES = 4  # fp32
@@ -188,7 +188,7 @@ def main() -> None:
     if args.malloc_trim_threshold is not None:
         os.environ["MALLOC_TRIM_THRESHOLD_"] = str(args.malloc_trim_threshold)
 
-    config = WanVAE38Config.tiny() if args.tiny else WanVAE38Config()
+    config = WanVAE38Config.preset("tiny") if args.tiny else WanVAE38Config()
     latent_shape = (1, config.z_dim, (args.frames - 1) // 4 + 1, args.height // 16, args.width // 16)
     results = {}
     for n in args.shards:

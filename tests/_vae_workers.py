@@ -8,8 +8,8 @@ import torch
 import torch.distributed as dist
 
 from megawan import parallel_state
-from megawan.layers.vae_partition import CommStats
-from megawan.models.vae import WanVAE38, WanVAE38Config
+from megawan.vae.partition import CommStats
+from megawan.vae.model import WanVAE38, WanVAE38Config
 
 PIXELS_PER_LATENT = 16
 

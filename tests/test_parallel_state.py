@@ -126,3 +126,35 @@ def test_a_dead_rank_fails_the_survivors_instead_of_hanging(tmp_path):
         run_distributed(_lose_a_rank, 2, tmp_path / "rank0.json", timeout_s=120, grace_s=60)
     report = json.loads((tmp_path / "rank0.json").read_text())
     assert report["outcome"] != "completed" and report["seconds"] < 60, report
+
+
+def _single_rank_layout():
+    import torch.distributed as dist
+
+    parallel_state.initialize(tp=2)
+    one = parallel_state.ParallelGroups.single_rank(torch.device("cpu"))
+    return ((one.tp, one.cp, one.dp, one.tp_rank, one.cp_rank, one.dp_rank),
+            [dist.get_process_group_ranks(g) for g in (one.tp_group, one.cp_group, one.dp_group,
+                                                       one.dp_cp_group, one.vae_group)])
+
+
+def test_single_rank_groups_inside_a_two_rank_job():
+    for rank, (coords, ranks) in enumerate(run_distributed(_single_rank_layout, 2)):
+        assert coords == (1, 1, 1, 0, 0, 0)
+        assert ranks == [[rank]] * 5  # every group holds this rank alone
+
+
+def test_get_groups_says_what_it_starts():
+    code = ("import warnings\n"
+            "import torch.distributed as dist\n"
+            "from megawan import parallel_state\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    g = parallel_state.get_groups()\n"
+            "print([str(x.message) for x in w if 'get_groups' in str(x.message)])\n"
+            "print(dist.get_world_size(), dist.get_backend(), g.tp, g.cp, g.dp)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    lines = out.stdout.strip().splitlines()
+    assert "starting a 1-rank gloo process group" in lines[-2], out.stderr[-2000:]
+    assert lines[-1] == "1 gloo 1 1 1"

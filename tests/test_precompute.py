@@ -9,7 +9,7 @@ import torch
 from megawan.data import CaptionedFolderConfig, CaptionedVideoFolder, WorldModel1XConfig, WorldModel1XDataset
 from megawan.data.latent_cache import LatentCacheDataset, shard_name
 from megawan.data.text_encoder import UMT5TextEncoder, save_tiny_umt5
-from megawan.models.vae import WanVAE38, WanVAE38Config
+from megawan.vae.model import WanVAE38, WanVAE38Config
 from megawan.testing import run_distributed
 from megawan.tools.make_sample_data import make_sample_data
 from megawan.tools.precompute import main as precompute_main

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megawan.models.vae import LATENTS_MEAN, LATENTS_STD, WanVAE38, WanVAE38Config
+from megawan.vae.model import LATENTS_MEAN, LATENTS_STD, WanVAE38, WanVAE38Config
 
 TOL = 1e-5
 
@@ -95,7 +95,7 @@ def test_output_channel_groups_change_nothing(reference, monkeypatch):
     another channel count on some CPUs, so the bound is float rounding (1e-6), not bit equality."""
     import torch.nn.functional as F
 
-    from megawan.layers import vae_conv
+    from megawan.vae import conv as vae_conv
 
     _, ours, _ = reference
     torch.manual_seed(3)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megawan.models.vae import WanVAE38, WanVAE38Config
+from megawan.vae.model import WanVAE38, WanVAE38Config
 from megawan.testing import run_distributed
 from tests._vae_workers import run_sharded_cases
 

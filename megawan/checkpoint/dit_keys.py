@@ -2,13 +2,15 @@
 
 megawan names its modules like the official release except the FFN (``ffn.fc1`` / ``ffn.fc2``
 for the release's ``ffn.0`` / ``ffn.2``) and the fused self-attention projection (``self_attn.qkv``,
-rows [q; k; v], three release tensors). official <-> diffusers is one table of name fragments,
-read in either direction: a fragment ending in "." renames a prefix, any other an exact name.
+rows [q; k; v], three release tensors). official <-> diffusers is one table of name fragments
+(``megawan.checkpoint.renames``), read in either direction.
 """
 
 from __future__ import annotations
 
 import re
+
+from megawan.checkpoint.renames import rename
 
 LAYOUTS = ("official", "diffusers")
 
@@ -50,11 +52,8 @@ def _rename(key: str, table, src: int) -> str:
     m = _BLOCK.match(key)
     if m:
         prefix, name = m.groups()
-    for row in table if m else _TOP_LEVEL:
-        old, new = row[src], row[1 - src]
-        if name == old or (old.endswith(".") and name.startswith(old)):
-            return prefix + new + name[len(old):]
-    return key
+    new = rename(name, table if m else _TOP_LEVEL, src)
+    return key if new is None else prefix + new
 
 
 def official_keys(name: str) -> tuple[str, ...]:

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from megawan.utils import atomic_path
 
 
 class CheckpointError(ValueError):
@@ -93,9 +93,8 @@ def write_safetensors_dir(tensors: Iterable[tuple[str, torch.Tensor]], path, *, 
     path = Path(path)
     if path.exists() and any(path.iterdir()):
         raise FileExistsError(f"refusing to overwrite non-empty directory {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_path(path) as tmp:
+        tmp.mkdir()
         shard_keys: list[list[str]] = []  # keys of each shard flushed to disk
         current: dict[str, torch.Tensor] = {}
         size = 0
@@ -125,9 +124,3 @@ def write_safetensors_dir(tensors: Iterable[tuple[str, torch.Tensor]], path, *, 
                 json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
         for name, content in (extra_files or {}).items():
             (tmp / name).write_text(json.dumps(content, indent=2))
-        if path.exists():
-            path.rmdir()
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -15,7 +15,6 @@ rerun skips it. Text embeddings are stored without their zero padding and padded
 from __future__ import annotations
 
 import json
-import os
 from bisect import bisect_right
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch.utils.data
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megawan.utils import atomic_path
 from megawan.data.text_encoder import TEXT_LENGTH, pad_text_embedding
 
 INDEX = "index.json"
@@ -37,16 +37,13 @@ def shard_name(k: int) -> str:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def check_or_write_config(root: Path, config: dict) -> None:

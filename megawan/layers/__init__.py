@@ -1,1 +1,1 @@
-"""Parallel building blocks of megawan's models (DiT layers; VAE layers prefixed vae_)."""
+"""The DiT's parallel building blocks: the backend, TP linears, attention, norms, RoPE, embeddings, token shards."""

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import torch
-from megatron.core import ModelParallelConfig
 from torch import nn
 
-from megawan.layers.attention_kernels import attention
+from megawan.layers.backend import DiTBackend
 from megawan.layers.comm import ulysses_heads_to_seq, ulysses_seq_to_heads
-from megawan.layers.linear import column_parallel, column_parallel_on_replicated, row_parallel
 from megawan.layers.norms import HeadsRMSNorm
 from megawan.layers.rope import apply_rope
 
@@ -16,15 +14,12 @@ from megawan.layers.rope import apply_rope
 class _Attention(nn.Module):
     """Shared by both attentions: o row-parallel, q/k RMSNorm across all heads (TP-exact)."""
 
-    def __init__(self, dim: int, num_heads: int, eps: float, config: ModelParallelConfig, tp_group,
-                 linear_impl: str, attention_backend: str):
+    def __init__(self, dim: int, num_heads: int, eps: float, backend: DiTBackend):
         super().__init__()
-        tp = config.tensor_model_parallel_size
-        self.backend = attention_backend
-        self.local_heads, self.head_dim = num_heads // tp, dim // num_heads
-        self.o = row_parallel(dim, dim, config, tp_group, linear_impl)
-        self.norm_q = HeadsRMSNorm(dim, eps, tp, tp_group)
-        self.norm_k = HeadsRMSNorm(dim, eps, tp, tp_group)
+        self.local_heads, self.head_dim = num_heads // backend.tp, dim // num_heads
+        self.o = backend.row_parallel(dim, dim)
+        self.norm_q = HeadsRMSNorm(dim, eps, backend.tp, backend.tp_group)
+        self.norm_k = HeadsRMSNorm(dim, eps, backend.tp, backend.tp_group)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(x.shape[0], x.shape[1], self.local_heads, self.head_dim)
@@ -43,18 +38,20 @@ class SelfAttention(_Attention):
     heads/(tp*cp) heads.
     """
 
-    def __init__(self, dim, num_heads, eps, config, tp_group, linear_impl, attention_backend):
-        super().__init__(dim, num_heads, eps, config, tp_group, linear_impl, attention_backend)
-        self.qkv = column_parallel(dim, 3 * dim, config, tp_group, linear_impl, stride=3)
+    def __init__(self, dim: int, num_heads: int, eps: float, backend: DiTBackend):
+        super().__init__(dim, num_heads, eps, backend)
+        self.qkv = backend.column_parallel(dim, 3 * dim, stride=3)
+        self.cp_group = backend.cp_group
+        self.kernel = backend.attention_kernel(self.local_heads // backend.cp, self.head_dim)
 
-    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], cp_group, num_tokens: int):
+    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], num_tokens: int):
         q, k, v = self.qkv(x)[0].chunk(3, dim=-1)
         q, k, v = self._heads(self.norm_q(q)), self._heads(self.norm_k(k)), self._heads(v)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        q, k, v = (ulysses_heads_to_seq(t, cp_group) for t in (q, k, v))
+        q, k, v = (ulysses_heads_to_seq(t, self.cp_group) for t in (q, k, v))
         # Padding sits at the end of the global sequence: dropping those keys masks them exactly.
-        out = attention(q, k[:num_tokens], v[:num_tokens], self.backend)
-        return self._out(ulysses_seq_to_heads(out, cp_group))
+        out = self.kernel(q, k[:num_tokens], v[:num_tokens])
+        return self._out(ulysses_seq_to_heads(out, self.cp_group))
 
 
 class CrossAttention(_Attention):
@@ -64,26 +61,27 @@ class CrossAttention(_Attention):
     forward by the model), so k and v need no communication, and no CP communication is needed.
     """
 
-    def __init__(self, dim, num_heads, eps, config, tp_group, linear_impl, attention_backend):
-        super().__init__(dim, num_heads, eps, config, tp_group, linear_impl, attention_backend)
-        self.q = column_parallel(dim, dim, config, tp_group, linear_impl)
-        self.k = column_parallel_on_replicated(dim, dim, config, tp_group, linear_impl)
-        self.v = column_parallel_on_replicated(dim, dim, config, tp_group, linear_impl)
+    def __init__(self, dim: int, num_heads: int, eps: float, backend: DiTBackend):
+        super().__init__(dim, num_heads, eps, backend)
+        self.q = backend.column_parallel(dim, dim)
+        self.k = backend.column_parallel_on_replicated(dim, dim)
+        self.v = backend.column_parallel_on_replicated(dim, dim)
+        self.kernel = backend.attention_kernel(self.local_heads, self.head_dim)
 
     def forward(self, x, context):
         q = self._heads(self.norm_q(self.q(x)[0]))
         k = self._heads(self.norm_k(self.k(context)[0]))
         v = self._heads(self.v(context)[0])
-        return self._out(attention(q, k, v, self.backend))
+        return self._out(self.kernel(q, k, v))
 
 
 class FeedForward(nn.Module):
     """Linear(dim, ffn) -> GELU(tanh) -> Linear(ffn, dim), column- then row-parallel."""
 
-    def __init__(self, dim: int, ffn_dim: int, config: ModelParallelConfig, tp_group, linear_impl: str):
+    def __init__(self, dim: int, ffn_dim: int, backend: DiTBackend):
         super().__init__()
-        self.fc1 = column_parallel(dim, ffn_dim, config, tp_group, linear_impl)
-        self.fc2 = row_parallel(ffn_dim, dim, config, tp_group, linear_impl)
+        self.fc1 = backend.column_parallel(dim, ffn_dim)
+        self.fc2 = backend.row_parallel(ffn_dim, dim)
 
     def forward(self, x):
         return self.fc2(torch.nn.functional.gelu(self.fc1(x)[0], approximate="tanh"))[0]

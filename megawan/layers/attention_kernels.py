@@ -1,5 +1,8 @@
 """Dot-product attention kernels behind one switch: "auto", "torch", "flash" or "te".
 
+``AttentionKernel`` is the module a layer holds: with "te" it owns Transformer Engine's
+``DotProductAttention`` as a submodule, so ``.to()``, state dicts and FP8 autocast see it.
+
 Every kernel takes q [sq, b, h, d], k/v [sk, b, h, d] (megatron's sbhd layout), is
 bidirectional (no mask: padded keys are removed by the caller) and returns [sq, b, h, d].
 "auto" picks flash-attn on CUDA for bf16/fp16 when importable, else torch SDPA.
@@ -12,6 +15,7 @@ import importlib.util
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 ATTENTION_BACKENDS = ("auto", "torch", "flash", "te")
 
@@ -45,20 +49,28 @@ def _flash(q, k, v):
     return out.transpose(0, 1)
 
 
-@functools.lru_cache(maxsize=None)
-def _te_module(heads: int, head_dim: int):
-    from transformer_engine.pytorch import DotProductAttention
-
-    return DotProductAttention(heads, head_dim, attn_mask_type="no_mask", qkv_format="sbhd")
-
-
-def _te(q, k, v):
-    s, b, h, d = q.shape
-    return _te_module(h, d)(q.contiguous(), k.contiguous(), v.contiguous()).view(s, b, h, d)
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     if backend == "auto":
         fast = q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and _installed("flash_attn")
         backend = "flash" if fast else "torch"
-    return {"torch": _torch_sdpa, "flash": _flash, "te": _te}[backend](q, k, v)
+    if backend == "te":
+        raise ValueError("the 'te' kernel is a module: use AttentionKernel('te', heads, head_dim)")
+    return {"torch": _torch_sdpa, "flash": _flash}[backend](q, k, v)
+
+
+class AttentionKernel(nn.Module):
+    """One attention call site: ``num_heads`` heads of ``head_dim`` per call, sbhd in and out."""
+
+    def __init__(self, backend: str, num_heads: int, head_dim: int):
+        super().__init__()
+        self.backend, self.num_heads, self.head_dim = backend, num_heads, head_dim
+        if backend == "te":
+            from transformer_engine.pytorch import DotProductAttention
+
+            self.te = DotProductAttention(num_heads, head_dim, attn_mask_type="no_mask", qkv_format="sbhd")
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.backend != "te":
+            return attention(q, k, v, self.backend)
+        s, b, h, d = q.shape
+        return self.te(q.contiguous(), k.contiguous(), v.contiguous()).view(s, b, h, d)

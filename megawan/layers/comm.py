@@ -1,95 +1,76 @@
-"""Autograd-aware collectives that megatron-core does not provide in the form megawan needs.
+"""The DiT's collectives: megatron-core's mappings, plus the two pieces megatron-core lacks.
 
-All tensors follow megatron's [s, b, ...] order: the sequence is dim 0.
+All tensors follow megatron's [s, b, ...] order: the sequence is dim 0. A group of ``None`` (a
+parallel size of 1) makes every op the identity.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from megatron.core.tensor_parallel.mappings import (
+    all_to_all,
+    gather_from_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
+
+from megawan.utils import group_size
 
 
-def _world(group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
-
-
-def _all_gather_dim0(x: torch.Tensor, group) -> torch.Tensor:
-    n = _world(group)
-    if n == 1:
+def gather_dim0(x: torch.Tensor, group) -> torch.Tensor:
+    """All-gather dim 0; backward keeps this rank's slice (every rank computes the same loss)."""
+    if group_size(group) == 1:
         return x
-    x = x.contiguous()
-    out = torch.empty((n * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x, group=group)
-    return out
+    return gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False, group=group)
 
 
-def _own_slice_dim0(x: torch.Tensor, group) -> torch.Tensor:
-    n = _world(group)
-    if n == 1:
-        return x
-    size = x.shape[0] // n
-    rank = dist.get_rank(group)
-    return x[rank * size:(rank + 1) * size].contiguous()
+def slice_dim0(x: torch.Tensor, group) -> torch.Tensor:
+    """This rank's slice of dim 0 of a replicated tensor; backward all-gathers the gradient."""
+    return x if group_size(group) == 1 else scatter_to_sequence_parallel_region(x, group=group)
 
 
-def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
-    x = x.clone()
-    dist.all_reduce(x, group=group)
-    return x
-
-
-def _adjoint_pair(name: str, forward, backward):
-    """``op(x, group)``: ``forward(x, group)`` with backward ``backward(grad, group)``; identity on 1 rank."""
-
-    def fwd(ctx, x, group):
+class _AllReduceSum(torch.autograd.Function):
+    # megatron-core's reduce_from_tensor_model_parallel_region has an identity backward; here each
+    # rank's sum feeds a different part of the loss (the q/k norm statistic of its own heads), so
+    # the gradient of each input is the sum of all ranks' output gradients: an all-reduce too.
+    @staticmethod
+    def forward(ctx, x, group):
         ctx.group = group
-        return forward(x, group)
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
 
-    def bwd(ctx, grad):
-        return backward(grad, ctx.group), None
-
-    fn = type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
-
-    def op(x: torch.Tensor, group) -> torch.Tensor:
-        return x if _world(group) == 1 else fn.apply(x, group)
-
-    return op
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
-# Every rank sees the same loss: a gather's backward keeps this rank's slice, and a slice of a
-# replicated tensor gathers the gradients back.
-gather_dim0 = _adjoint_pair("GatherDim0", _all_gather_dim0, _own_slice_dim0)
-slice_dim0 = _adjoint_pair("SliceDim0", _own_slice_dim0, _all_gather_dim0)
-# A sum over ranks where each rank's result feeds a different part of the loss: the gradient of
-# each input is the sum of all ranks' output gradients.
-all_reduce_sum = _adjoint_pair("AllReduceSum", _all_reduce, _all_reduce)
+def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
+    return x if group_size(group) == 1 else _AllReduceSum.apply(x, group)
 
 
-def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
-    """all_to_all_single on dim 0 of a contiguous tensor whose dim 0 has world-size chunks."""
-    x = x.contiguous()  # empty_like would copy a non-contiguous layout that the collective ignores
-    out = torch.empty_like(x)
-    dist.all_to_all_single(out, x, group=group)
-    return out
+# Ulysses: [s/c, b, h, d] (local tokens, all local heads) <-> [s, b, h/c, d] (all tokens, h/c heads).
+# megatron-core's all_to_all sp2hp/hp2sp helpers split the last dim of a 2-D [tokens, hidden]
+# tensor; these keep heads whole and the [s, b, h, d] layout. Its differentiable all_to_all does the
+# exchange (backward: the inverse all-to-all); the reshapes around it are plain autograd ops.
 
-
-def _heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
-    # [s/c, b, h, d] -> [s, b, h/c, d]: send head group j to rank j, receive every rank's chunk.
-    n = _world(group)
+def ulysses_heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
+    """[s/c, b, h, d] -> [s, b, h/c, d]: send head group j to rank j, receive every rank's tokens."""
+    n = group_size(group)
+    if n == 1:
+        return x
     s, b, h, d = x.shape
     x = x.reshape(s, b, n, h // n, d).permute(2, 0, 1, 3, 4).contiguous()
-    return _all_to_all(x, group).reshape(n * s, b, h // n, d)
+    return all_to_all(group, x).reshape(n * s, b, h // n, d)
 
 
-def _seq_to_heads(x: torch.Tensor, group) -> torch.Tensor:
-    # [s, b, h/c, d] -> [s/c, b, h, d]: the inverse of _heads_to_seq.
-    n = _world(group)
+def ulysses_seq_to_heads(x: torch.Tensor, group) -> torch.Tensor:
+    """[s, b, h/c, d] -> [s/c, b, h, d]: the inverse of ``ulysses_heads_to_seq``."""
+    n = group_size(group)
+    if n == 1:
+        return x
     s, b, h, d = x.shape
-    x = _all_to_all(x.reshape(n, s // n, b, h, d), group)
+    x = all_to_all(group, x.reshape(n, s // n, b, h, d).contiguous())
     return x.permute(1, 2, 0, 3, 4).reshape(s // n, b, n * h, d)
-
-
-# An all-to-all is a permutation: its backward is the inverse all-to-all.
-# Ulysses: [s/c, b, h, d] (local tokens, all local heads) <-> [s, b, h/c, d] (all tokens, h/c heads).
-ulysses_heads_to_seq = _adjoint_pair("UlyssesHeadsToSeq", _heads_to_seq, _seq_to_heads)
-ulysses_seq_to_heads = _adjoint_pair("UlyssesSeqToHeads", _seq_to_heads, _heads_to_seq)

@@ -8,6 +8,7 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from torch import nn
 
 from megawan.layers.comm import all_reduce_sum
+from megawan.utils import group_size
 
 
 class FP32LayerNorm(nn.LayerNorm):
@@ -36,7 +37,7 @@ class HeadsRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         sum_sq = xf.pow(2).sum(dim=-1, keepdim=True)
-        if self.tp_group is not None and torch.distributed.get_world_size(self.tp_group) > 1:
+        if group_size(self.tp_group) > 1:
             sum_sq = all_reduce_sum(sum_sq, self.tp_group)
         out = xf * torch.rsqrt(sum_sq / self.dim + self.eps)
         return (out * self.weight.float()).to(x.dtype)

@@ -1,1 +1,1 @@
-"""megawan's models: the Wan DiT (dit.py) and the VAE38 (vae.py)."""
+"""megawan's models: the Wan DiT (dit.py, dit_config.py); the VAE38 is its own package, megawan.vae."""

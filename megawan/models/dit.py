@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-from megatron.core import ModelParallelConfig
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -20,9 +19,8 @@ from torch.utils.checkpoint import checkpoint
 from megawan import parallel_state
 from megawan.checkpoint.dit_io import load_dit_weights, save_dit_weights
 from megawan.layers.attention import CrossAttention, FeedForward, SelfAttention
-from megawan.layers.attention_kernels import check_backend
+from megawan.layers.backend import DiTBackend
 from megawan.layers.embeddings import PatchEmbedding, StateEmbedding, WanHead, timestep_sinusoid
-from megawan.layers.linear import resolve_linear_impl
 from megawan.layers.norms import FP32LayerNorm
 from megawan.layers.rope import rope_tables
 from megawan.layers.token_shards import TokenShards
@@ -35,25 +33,23 @@ __all__ = ["WanDiT", "WanBlock", "WanDiTConfig", "DiTRuntime"]
 class WanBlock(nn.Module):
     """One Wan block: modulated self-attention, cross-attention (no gate), modulated FFN."""
 
-    def __init__(self, cfg: WanDiTConfig, mp_config: ModelParallelConfig, groups: ParallelGroups, rt: DiTRuntime,
-                 linear_impl: str):
+    def __init__(self, cfg: WanDiTConfig, backend: DiTBackend, dtype: torch.dtype):
         super().__init__()
-        args = (cfg.dim, cfg.num_heads, cfg.eps, mp_config, groups.tp_group, linear_impl, rt.attention_backend)
+        args = (cfg.dim, cfg.num_heads, cfg.eps, backend)
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
         self.norm1 = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
         self.self_attn = SelfAttention(*args)
         self.norm3 = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=True)
         self.cross_attn = CrossAttention(*args)
         self.norm2 = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
-        self.ffn = FeedForward(cfg.dim, cfg.ffn_dim, mp_config, groups.tp_group, linear_impl)
-        self.cp_group = groups.cp_group if groups.cp > 1 else None
-        self.dtype = rt.dtype
+        self.ffn = FeedForward(cfg.dim, cfg.ffn_dim, backend)
+        self.dtype = dtype
 
     def forward(self, x, e0, context, rope_cos, rope_sin, num_tokens: int):
         """x [s, b, dim] fp32; e0 [s or 1, b, 6, dim] fp32; context [512, b, dim] in the TP region."""
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unbind(2)
         h = (self.norm1(x) * (1 + scale1) + shift1).to(self.dtype)
-        x = x + self.self_attn(h, (rope_cos, rope_sin), self.cp_group, num_tokens).float() * gate1
+        x = x + self.self_attn(h, (rope_cos, rope_sin), num_tokens).float() * gate1
         x = x + self.cross_attn(self.norm3(x).to(self.dtype), context).float()
         h = (self.norm2(x) * (1 + scale2) + shift2).to(self.dtype)
         return x + self.ffn(h).float() * gate2
@@ -73,18 +69,10 @@ class WanDiT(nn.Module):
         groups = groups or parallel_state.get_groups()
         rt = runtime or DiTRuntime()
         groups.layout.validate(config.num_heads)
-        check_backend(rt.attention_backend)
-        linear_impl = resolve_linear_impl(rt.linear_impl)
         self.config, self.groups, self.runtime = config, groups, rt
-        self.sequence_parallel = rt.sequence_parallel and groups.tp > 1
-        mp_config = ModelParallelConfig(
-            tensor_model_parallel_size=groups.tp, context_parallel_size=groups.cp,
-            sequence_parallel=self.sequence_parallel, params_dtype=rt.dtype,
-            # CPU init builds each full weight from one RNG stream, then slices it: the same model for
-            # every TP layout. On GPUs megatron initialises shards in place (RNG tracker).
-            use_cpu_initialization=groups.device.type == "cpu",
-            perform_initialization=rt.init_weights, gradient_accumulation_fusion=False,
-        )
+        # A plain object, built once: the linears and kernels it builds are submodules of the blocks.
+        self.backend = DiTBackend.build(groups, rt)
+        self.sequence_parallel = self.backend.sequence_parallel
         d = config.dim
         self.patch_embedding = PatchEmbedding(config.in_channels, d, config.patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(config.text_dim, d), nn.GELU(approximate="tanh"),
@@ -93,7 +81,7 @@ class WanDiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.state_embedding = (StateEmbedding(config.state_dim, config.frames_per_latent, d)
                                 if config.state_dim else None)
-        self.blocks = nn.ModuleList(WanBlock(config, mp_config, groups, rt, linear_impl)
+        self.blocks = nn.ModuleList(WanBlock(config, self.backend, rt.dtype)
                                     for _ in range(config.num_layers))
         self.head = WanHead(d, config.out_channels * config.patch_features, config.eps)
         self._tag_replicated_params()
@@ -200,11 +188,12 @@ class WanDiT(nn.Module):
         start, end = shards.cp_chunk
         cos, sin = rope_tables(self.config.head_dim, grid, start, end, shards.num_tokens,
                                self.config.rope_theta, device=x.device)
-        for block in self.blocks:
-            if self.runtime.activation_checkpointing and self.training:
-                x = checkpoint(block, x, e0, context, cos, sin, shards.num_tokens, use_reentrant=False)
-            else:
-                x = block(x, e0, context, cos, sin, shards.num_tokens)
+        with self.backend.fp8_autocast():
+            for block in self.blocks:
+                if self.runtime.activation_checkpointing and self.training:
+                    x = checkpoint(block, x, e0, context, cos, sin, shards.num_tokens, use_reentrant=False)
+                else:
+                    x = block(x, e0, context, cos, sin, shards.num_tokens)
         out = shards.gather(self.head(x, e))[: shards.num_tokens]
         return self._unpatchify(out, grid)
 

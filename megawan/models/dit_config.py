@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+from megawan import presets
 
 
 @dataclass(frozen=True)
@@ -74,15 +74,21 @@ class WanDiTConfig:
         return cls(**d)
 
     @classmethod
+    def preset(cls, name: str) -> "WanDiTConfig":
+        """A preset shipped with the package: "tiny" (tests) or "wan2.2-ti2v-5b"."""
+        return cls.from_dict(presets.load("dit", name))
+
+    @classmethod
     def load(cls, name_or_path: str | Path) -> "WanDiTConfig":
-        """A JSON file, a checkpoint directory holding config.json, or a name under configs/."""
+        """A JSON file, a checkpoint directory holding config.json, or a preset name."""
         p = Path(name_or_path)
         if p.is_dir():
             p = p / "config.json"
         elif not p.exists():
-            p = CONFIG_DIR / f"{name_or_path}.json"
-        if not p.exists():
-            raise FileNotFoundError(f"no DiT config at {name_or_path!r} (nor {p})")
+            if str(name_or_path) in presets.names("dit"):
+                return cls.preset(str(name_or_path))
+            raise FileNotFoundError(f"no DiT config at {name_or_path!r} (neither a file, a checkpoint "
+                                    f"directory nor a preset: {presets.names('dit')})")
         d = json.loads(p.read_text())
         d = d.get("dit", d)
         return cls.from_dict({k: v for k, v in d.items() if not k.startswith("_")

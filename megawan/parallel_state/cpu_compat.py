@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from megatron.core.tensor_parallel import random as mcore_random
 from torch.overrides import TorchFunctionMode
 
 _APPLIED = False
@@ -89,8 +90,6 @@ def apply() -> None:
     global _APPLIED
     if _APPLIED or torch.cuda.is_available():
         return
-    from megatron.core.tensor_parallel import random as mcore_random
-
     torch.cuda.current_device = lambda: torch.device("cpu")
     stream = _CpuStream()
     torch.cuda.current_stream = lambda device=None: stream

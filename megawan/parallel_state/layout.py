@@ -19,7 +19,7 @@ class ParallelLayout:
     def dp(self) -> int:
         return self.world_size // (self.tp * self.cp)
 
-    def validate(self, num_heads: int | None = 24) -> "ParallelLayout":
+    def validate(self, num_heads: int | None = None) -> "ParallelLayout":
         """Check every rule the layout must satisfy; raise LayoutError naming the rule broken."""
         if self.tp < 1 or self.cp < 1 or self.world_size < 1:
             raise LayoutError(

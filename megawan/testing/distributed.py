@@ -16,6 +16,7 @@ import time
 import traceback
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
@@ -49,8 +50,6 @@ def _worker(rank, world_size, port, backend, fn, args, kwargs, results):
     except BaseException:  # noqa: BLE001 - report every failure to the parent
         results.put((rank, "error", traceback.format_exc()))
     finally:
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.destroy_process_group()
 

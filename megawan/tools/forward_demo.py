@@ -24,20 +24,9 @@ from megawan.diffusion import flow_matching_loss, noisy_latents, token_timesteps
 from megawan.data.world_model_1x.dataset import WorldModel1XConfig, WorldModel1XDataset
 from megawan.models.dit import DiTRuntime, WanDiT
 from megawan.models.dit_config import WanDiTConfig
-from megawan.models.vae import WanVAE38, WanVAE38Config
+from megawan.vae.model import WanVAE38, WanVAE38Config
 from megawan.parallel_state import ParallelGroups
 from megawan.parallel_state.grads import reduce_model_parallel_grads
-
-
-def _single_rank_groups(groups: ParallelGroups) -> ParallelGroups:
-    """A tp = cp = 1 layout on this rank alone (every rank must take part in new_group)."""
-    mine = None
-    for r in range(dist.get_world_size()):
-        g = dist.new_group([r])
-        if r == dist.get_rank():
-            mine = g
-    return ParallelGroups(mine, mine, mine, mine, mine, tp=1, cp=1, dp=1, tp_rank=0, cp_rank=0, dp_rank=0,
-                          device=groups.device)
 
 
 def _build_dit(args, groups) -> WanDiT:
@@ -84,7 +73,7 @@ def main(argv=None) -> dict:
     sample = data[groups.dp_rank % len(data)]
     torch.manual_seed(args.seed)
     vae = (WanVAE38.from_pretrained(args.vae_checkpoint, device=dev) if args.vae_checkpoint
-           else WanVAE38(WanVAE38Config.tiny()).to(dev))
+           else WanVAE38(WanVAE38Config.preset("tiny")).to(dev))
     t0 = time.perf_counter()
     latents = vae.encode(sample["video"][None].to(dev), groups.vae_group, gather_output=True)
     t_vae = time.perf_counter() - t0
@@ -99,7 +88,7 @@ def main(argv=None) -> dict:
     t_dit = time.perf_counter() - t0
     grad = dit.patch_embedding.weight.grad.clone()  # replicated: complete after the reductions
 
-    single = _build_dit(args, _single_rank_groups(groups))
+    single = _build_dit(args, ParallelGroups.single_rank(groups.device))
     v1, loss1 = _step(single, latents, noise, args.sigma, text)
     report = {
         "rank": rank, "layout": {"tp": groups.tp, "cp": groups.cp, "dp": groups.dp,

@@ -37,17 +37,15 @@ from concurrent.futures import ProcessPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 
+import av
 import numpy as np
 
-NUM_STATES = 25
-HZ = 30
+from megawan.data.world_model_1x.layout import DEFAULT_HZ, NUM_STATES
 
 
-def write_video(path, frames, fps: int = HZ, gop: int = 32, crf: int = 18, faststart: bool = False) -> None:
+def write_video(path, frames, fps: int = DEFAULT_HZ, gop: int = 32, crf: int = 18, faststart: bool = False) -> None:
     """Encode uint8 RGB frames (iterable of [H, W, 3]) as H.264 yuv420p mp4 with a fixed keyframe interval
     and B-frames (so decoders must reorder), the way camera footage is usually stored."""
-    import av
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     options = {"movflags": "+faststart"} if faststart else {}
@@ -77,7 +75,7 @@ def segment_lengths(rng: np.random.Generator, num_frames: int, min_len: int, max
 
 def segment_states(rng: np.random.Generator, length: int) -> np.ndarray:
     """Smooth trajectories: per dimension a sum of two slow sinusoids (0.1-0.6 Hz) with random phases."""
-    t = np.arange(length, dtype=np.float64)[:, None] / HZ
+    t = np.arange(length, dtype=np.float64)[:, None] / DEFAULT_HZ
     freq = rng.uniform(0.1, 0.6, (2, NUM_STATES))
     phase = rng.uniform(0, 2 * np.pi, (2, NUM_STATES))
     amp = rng.uniform(0.2, 0.5, (2, NUM_STATES))
@@ -172,7 +170,7 @@ def write_shard(split_dir: str, shard: int, flat: bool, num_frames: int, size: i
     sub("robot_states").mkdir(parents=True, exist_ok=True)
     states.tofile(sub("robot_states") / f"states_{shard}.bin")
     _write_json(sub("metadata") / f"metadata_{shard}.json",
-                {"shard_num_frames": num_frames, "shard_ind": shard, "hz": HZ})
+                {"shard_num_frames": num_frames, "shard_ind": shard, "hz": DEFAULT_HZ})
     return int(np.unique(segment_ids).size)
 
 
@@ -209,7 +207,7 @@ def make_sample_data(out, *, train_shards: int = 3, val_shards: int = 1, frames_
                              seed=seed * 1000 + len(jobs), min_seg=min_segment, max_seg=max_segment))
             next_segment_id += frames_per_shard  # an upper bound on segments per shard keeps ids unique
         _write_json(out / split / "metadata.json",
-                    {"num_shards": num_shards, "hz": HZ, "num_images": num_shards * frames_per_shard,
+                    {"num_shards": num_shards, "hz": DEFAULT_HZ, "num_images": num_shards * frames_per_shard,
                      "query": "synthetic sample data (megawan.tools.make_sample_data)"})
     workers = workers or min(len(jobs), os.cpu_count() or 1)
     # spawn, not fork: a forked copy of a busy parent (pytest, torch threads) can crash in CPython 3.11

@@ -23,11 +23,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
+from megawan import parallel_state
 from megawan.data.captioned_folder import CaptionedFolderConfig, CaptionedVideoFolder
 from megawan.data.latent_cache import (EMPTY_PROMPT, check_or_write_config, save_tensors_atomic, shard_name,
                                        write_index)
+from megawan.data.text_encoder import UMT5TextEncoder
 from megawan.data.world_model_1x import WorldModel1XConfig, WorldModel1XDataset
+from megawan.vae import WanVAE38
 
 logger = logging.getLogger("megawan.precompute")
 
@@ -72,8 +76,6 @@ def precompute(dataset, out, *, vae, text_encoder=None, samples_per_shard: int =
                vae_shards: int = 1, device="cpu", config: dict | None = None, progress: bool = True) -> dict | None:
     """Fill ``out`` with cache shards for ``dataset`` (clip order = dataset order); returns the index on
     rank 0. Every rank calls this; ranks rank // vae_shards form one encode group."""
-    from tqdm import tqdm
-
     out = Path(out)
     num_samples = min(len(dataset), max_samples or len(dataset))
     num_shards = math.ceil(num_samples / samples_per_shard)
@@ -141,10 +143,6 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> None:
-    from megawan import parallel_state
-    from megawan.data.text_encoder import UMT5TextEncoder
-    from megawan.models.vae import WanVAE38
-
     logging.basicConfig(level=logging.INFO)
     args = parse_args(argv)
     env = parallel_state.launch_env()

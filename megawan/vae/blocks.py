@@ -6,9 +6,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megawan.layers.vae_attention import FrameAttention
-from megawan.layers.vae_conv import CausalConv3d, Downsample, StreamContext, Upsample
-from megawan.layers.vae_norm import RMSNorm
+from megawan.vae.attention import FrameAttention
+from megawan.vae.conv import CausalConv3d, Downsample, StreamContext, Upsample
+from megawan.vae.norm import RMSNorm
 
 
 class ResidualBlock(nn.Module):

@@ -6,6 +6,9 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
+
+from megawan.utils import atomic_path
 
 OFFICIAL_FILE = "Wan2.2_VAE.pth"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -28,8 +31,6 @@ def locate_checkpoint(path: Path) -> tuple[Path, dict | None]:
 
 def read_state_dict(path: Path, weights_only: bool = True) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path))
     try:
         state = torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
@@ -43,15 +44,15 @@ def read_state_dict(path: Path, weights_only: bool = True) -> dict[str, torch.Te
 def write_official(path: Path, state: dict) -> Path:
     if path.suffix != ".pth":
         path = path / OFFICIAL_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
     return path
 
 
 def write_diffusers(folder: Path, state: dict, config: dict) -> Path:
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(folder / DIFFUSERS_WEIGHTS))
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    """Weights, then config.json, each written atomically (the folder may hold other files)."""
+    with atomic_path(folder / DIFFUSERS_WEIGHTS) as tmp:
+        save_file(state, str(tmp))
+    with atomic_path(folder / "config.json") as tmp:
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
     return folder

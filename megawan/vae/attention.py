@@ -13,8 +13,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megawan.layers.vae_norm import RMSNorm
-from megawan.layers.vae_partition import SpatialPartition
+from megawan.vae.norm import RMSNorm
+from megawan.vae.partition import SpatialPartition
 
 
 def gather_tokens(x: torch.Tensor, part: SpatialPartition) -> torch.Tensor:

@@ -17,11 +17,14 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megawan.layers.vae_blocks import DownStage, MidBlock, UpStage
-from megawan.layers.vae_conv import CausalConv3d, StreamContext
-from megawan.layers.vae_norm import RMSNorm
-from megawan.layers.vae_partition import CommStats, SpatialPartition
-from megawan.layers.vae_state_dict import detect_layout, to_external, to_internal
+from megawan import presets
+from megawan.checkpoint.vae_io import locate_checkpoint, read_state_dict, write_diffusers, write_official
+from megawan.checkpoint.vae_keys import detect_layout, to_external, to_internal
+from megawan.utils import group_size
+from megawan.vae.blocks import DownStage, MidBlock, UpStage
+from megawan.vae.conv import CausalConv3d, StreamContext
+from megawan.vae.norm import RMSNorm
+from megawan.vae.partition import CommStats, SpatialPartition
 
 # Per-channel statistics of the released VAE's latents: normalised = (mu - mean) / std.
 LATENTS_MEAN = (
@@ -64,9 +67,14 @@ class WanVAE38Config:
             raise ValueError(f"latents_mean/std need z_dim={self.z_dim} entries")
 
     @classmethod
+    def preset(cls, name: str) -> WanVAE38Config:
+        """A preset shipped with the package: "tiny" (tests) or "wan2.2-ti2v-5b"."""
+        return cls(**presets.load("vae38", name))
+
+    @classmethod
     def tiny(cls) -> WanVAE38Config:
-        """Same structure, small widths: for tests on CPU."""
-        return cls(base_dim=8, decoder_base_dim=16)
+        """Same structure, small widths: for tests on CPU (the "tiny" preset)."""
+        return cls.preset("tiny")
 
     @property
     def image_channels(self) -> int:
@@ -138,7 +146,7 @@ def _time_chunks(x: torch.Tensor, size: int) -> list[torch.Tensor]:
 
 def _gather_shapes(shape: torch.Size, group, device) -> list[tuple[int, ...]]:
     mine = torch.tensor(list(shape), dtype=torch.int64, device=device)
-    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    every = [torch.empty_like(mine) for _ in range(group_size(group))]
     dist.all_gather(every, mine, group=group)
     return [tuple(int(v) for v in s.tolist()) for s in every]
 
@@ -151,7 +159,7 @@ def plan_partition(shape: torch.Size, group, *, factor: int, grid=None, band_inp
     rank instead of hanging a later exchange.
     """
     b, c, t, h, w = shape
-    if group is None or dist.get_world_size(group) == 1:
+    if group_size(group) == 1:
         return SpatialPartition.single(h // factor, w // factor, stats)
     grid = SpatialPartition.resolve_grid(group, grid)
     shapes = _gather_shapes(shape, group, device)
@@ -290,8 +298,6 @@ class WanVAE38(nn.Module):
         diffusion_pytorch_model.safetensors) or a model repo root holding either. Without ``config`` the
         widths are read from config.json or inferred from the tensors.
         """
-        from megawan.layers.vae_checkpoint import locate_checkpoint, read_state_dict
-
         weights, diffusers_config = locate_checkpoint(Path(path))
         state = read_state_dict(weights, weights_only=weights_only)
         layout = detect_layout(state)
@@ -306,8 +312,6 @@ class WanVAE38(nn.Module):
 
     def save_pretrained(self, path: str | Path, layout: str = "diffusers") -> Path:
         """Save as a diffusers folder (``layout="diffusers"``) or an official ``.pth`` file."""
-        from megawan.layers.vae_checkpoint import write_diffusers, write_official
-
         state = to_external({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
                             layout, self.config.num_res_blocks)
         if layout == "official":

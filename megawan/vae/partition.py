@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from megawan.utils import group_size
+
 
 @dataclass
 class CommStats:
@@ -41,10 +43,6 @@ def _split_evenly(total: int, parts: int, what: str) -> tuple[int, ...]:
     return tuple(bounds)
 
 
-def _group_size(group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
-
-
 @dataclass(frozen=True)
 class SpatialPartition:
     """One rank's view of a tiled frame: grid shape, tile boundaries (latent units) and its neighbours."""
@@ -59,7 +57,7 @@ class SpatialPartition:
     # ---- construction -------------------------------------------------------------------------------
     @staticmethod
     def resolve_grid(group, grid: tuple[int, int] | None) -> tuple[int, int]:
-        n = _group_size(group)
+        n = group_size(group)
         grid = (n, 1) if grid is None else tuple(grid)
         if len(grid) != 2 or grid[0] * grid[1] != n or min(grid) < 1:
             raise ValueError(f"grid {grid} does not match the {n} ranks of the VAE group "
@@ -74,7 +72,7 @@ class SpatialPartition:
     @classmethod
     def even(cls, group, latent_h: int, latent_w: int, grid=None, stats=None) -> SpatialPartition:
         """Split a ``latent_h x latent_w`` frame as evenly as whole latent rows/cols allow."""
-        if _group_size(group) == 1:
+        if group_size(group) == 1:
             return cls.single(latent_h, latent_w, stats)
         grid = cls.resolve_grid(group, grid)
         return cls(group, grid, _split_evenly(latent_h, grid[0], "rows"), _split_evenly(latent_w, grid[1], "cols"),

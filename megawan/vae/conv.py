@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megawan.layers.vae_halo import pad_with_halo
-from megawan.layers.vae_partition import SpatialPartition
+from megawan.vae.halo import pad_with_halo
+from megawan.vae.partition import SpatialPartition
 
 CACHED_FRAMES = 2  # temporal kernel 3, causal: each output frame reads its 2 predecessors
 WEIGHT_GROUP_BYTES = 8 * 2 ** 20  # CPU: largest weight slice one convolution call reorders at a time

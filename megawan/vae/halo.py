@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from megawan.layers.vae_partition import SpatialPartition
+from megawan.vae.partition import SpatialPartition
 
 
 def _exchange(x: torch.Tensor, part: SpatialPartition, dim: int, before: int, after: int) -> torch.Tensor:

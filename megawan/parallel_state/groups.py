@@ -1,0 +1,179 @@
+"""``ParallelGroups`` (one rank's groups and coordinates) and the calls that build or tear them down.
+
+``initialize(tp, cp)`` reads the launcher's environment (torchrun or SLURM), validates the layout
+before anything is computed, starts torch.distributed (NCCL on GPUs, gloo on CPU), builds the
+TP / CP / DP groups through megatron-core's ``parallel_state`` and returns a ``ParallelGroups``.
+``get_groups()`` returns the one built by ``initialize`` for callers that do not pass one explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as mps
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+from megawan.parallel_state import cpu_compat
+from megawan.parallel_state.launch import DEFAULT_TIMEOUT_S, launch_env, start_process_group
+from megawan.parallel_state.layout import LayoutError, ParallelLayout
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    """The groups one rank takes part in, and its coordinates in the layout.
+
+    Token sharding convention: a sequence is split into ``cp`` contiguous chunks (one per CP rank),
+    and each chunk into ``tp`` contiguous pieces for sequence parallelism. ``dp_cp`` is where
+    gradients of replicated parameters are reduced; ``vae`` shards the VAE spatially (by default the
+    TP x CP ranks of one model replica, which hold the same sample).
+    """
+
+    tp_group: dist.ProcessGroup
+    cp_group: dist.ProcessGroup
+    dp_group: dist.ProcessGroup
+    dp_cp_group: dist.ProcessGroup
+    vae_group: dist.ProcessGroup
+    tp: int
+    cp: int
+    dp: int
+    tp_rank: int
+    cp_rank: int
+    dp_rank: int
+    device: torch.device
+
+    @property
+    def layout(self) -> ParallelLayout:
+        return ParallelLayout(world_size=self.tp * self.cp * self.dp, tp=self.tp, cp=self.cp)
+
+    @classmethod
+    def single_rank(cls, device: torch.device) -> "ParallelGroups":
+        """A tp = cp = dp = 1 layout on this rank alone, inside a running multi-rank job.
+
+        Collective: every rank must call it (each ``new_group`` call involves every rank). Used to
+        compare a parallel run with the same model on one rank.
+        """
+        mine = None
+        for r in range(dist.get_world_size()):
+            g = dist.new_group([r])
+            if r == dist.get_rank():
+                mine = g
+        return cls(mine, mine, mine, mine, mine, tp=1, cp=1, dp=1, tp_rank=0, cp_rank=0, dp_rank=0,
+                   device=device)
+
+
+_GROUPS: ParallelGroups | None = None
+
+
+def initialize(
+    tp: int = 1,
+    cp: int = 1,
+    *,
+    vae_shards: int | None = None,
+    num_heads: int | None = None,
+    backend: str | None = None,
+    timeout_s: int = DEFAULT_TIMEOUT_S,
+    seed: int = 1234,
+) -> ParallelGroups:
+    """Start torch.distributed (if needed) and build megawan's process groups.
+
+    Args:
+        tp, cp: tensor- and context-parallel sizes; dp = world_size / (tp * cp).
+        vae_shards: ranks that shard one VAE call spatially (consecutive ranks); default tp * cp,
+            i.e. the ranks of one model replica, which hold the same sample.
+        num_heads: optionally, a model's attention heads to validate the layout against before any
+            process group starts (the model validates its own heads when it is built anyway).
+        backend: "nccl" or "gloo"; default $MEGAWAN_BACKEND if set, else NCCL when CUDA is
+            available and gloo otherwise ("gloo" keeps the ranks on CPU even on a GPU machine).
+        timeout_s: collective timeout, so a dead rank fails the job instead of hanging it.
+        seed: seed of megatron's model-parallel RNG tracker.
+    """
+    global _GROUPS
+    env = launch_env()
+    world = dist.get_world_size() if dist.is_initialized() else env["world_size"]
+    ParallelLayout(world_size=world, tp=tp, cp=cp).validate(num_heads)
+    vae_shards = vae_shards or tp * cp
+    if world % vae_shards != 0:
+        raise LayoutError(f"vae_shards={vae_shards} does not divide world size {world}")
+
+    backend = backend or os.environ.get("MEGAWAN_BACKEND") or None
+    if backend not in (None, "nccl", "gloo"):
+        raise ValueError(f"backend must be 'nccl' or 'gloo', got {backend!r}")
+    use_cuda = torch.cuda.is_available() and backend != "gloo"
+    if use_cuda:
+        torch.cuda.set_device(env["local_rank"] % torch.cuda.device_count())
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        cpu_compat.apply()
+        device = torch.device("cpu")
+        # megatron builds dozens of groups; gloo would connect every pair of each at creation.
+        # Lazy init connects a pair on its first collective, which makes start-up much faster.
+        os.environ.setdefault("TORCH_GLOO_LAZY_INIT", "1")
+    start_process_group(env, backend or ("nccl" if use_cuda else "gloo"), timeout_s)
+
+    if mps.model_parallel_is_initialized():
+        mps.destroy_model_parallel()
+    mps.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        context_parallel_size=cp,
+        distributed_timeout_minutes=max(1, timeout_s // 60),
+        create_gloo_process_groups=False,
+    )
+    model_parallel_cuda_manual_seed(seed)  # megatron's per-TP-rank RNG streams (CPU stand-in on CPU)
+    rank = dist.get_rank()
+    vae_group = None
+    for start in range(0, world, vae_shards):  # every rank must take part in every new_group call
+        g = dist.new_group(list(range(start, start + vae_shards)))
+        if start <= rank < start + vae_shards:
+            vae_group = g
+    _GROUPS = ParallelGroups(
+        tp_group=mps.get_tensor_model_parallel_group(),
+        cp_group=mps.get_context_parallel_group(),
+        dp_group=mps.get_data_parallel_group(),
+        dp_cp_group=mps.get_data_parallel_group(with_context_parallel=True),
+        vae_group=vae_group,
+        tp=tp,
+        cp=cp,
+        dp=world // (tp * cp),
+        tp_rank=mps.get_tensor_model_parallel_rank(),
+        cp_rank=mps.get_context_parallel_rank(),
+        dp_rank=mps.get_data_parallel_rank(),
+        device=device,
+    )
+    return _GROUPS
+
+
+def is_initialized() -> bool:
+    return _GROUPS is not None
+
+
+def get_groups() -> ParallelGroups:
+    """The groups built by ``initialize``.
+
+    In a lone process where nothing was initialised (a notebook, a test) it starts what a 1-rank run
+    needs, and warns that it did: a 1-rank gloo process group (in-memory store, no rendezvous) and
+    megatron's groups for tp = cp = 1. With several ranks running it refuses instead.
+    """
+    if _GROUPS is not None:
+        return _GROUPS
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        raise RuntimeError("torch.distributed is running with several ranks: call "
+                           "megawan.parallel_state.initialize(tp=..., cp=...) first")
+    if not dist.is_initialized():
+        warnings.warn("megawan.parallel_state.get_groups(): nothing initialised, starting a 1-rank gloo "
+                      "process group and tp = cp = 1 groups (call initialize() to choose)", stacklevel=2)
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    return initialize(1, 1)
+
+
+def destroy() -> None:
+    """Tear down megatron's groups and the default process group."""
+    global _GROUPS
+    if mps.model_parallel_is_initialized():
+        mps.destroy_model_parallel()
+    _GROUPS = None
+    if dist.is_initialized():
+        dist.destroy_process_group()

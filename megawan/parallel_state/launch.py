@@ -1,0 +1,56 @@
+"""The launcher's environment (torchrun or SLURM) and starting torch.distributed from it."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = int(os.environ.get("MEGAWAN_DIST_TIMEOUT_S", "600"))
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM node list such as 'gpu[003-010,012],cpu1' -> 'gpu003'."""
+    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist)
+    if not m:
+        return nodelist
+    prefix, ranges = m.group(1), m.group(3)
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def launch_env() -> dict:
+    """Rank, world size, local rank and rendezvous address from torchrun or SLURM (srun) variables."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        local = int(env.get("SLURM_LOCALID", 0))
+    else:
+        rank, world, local = 0, 1, 0
+    addr = env.get("MASTER_ADDR")
+    if addr is None:
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        addr = _first_slurm_host(nodelist) if nodelist else "127.0.0.1"
+    port = env.get("MASTER_PORT")
+    if port is None:
+        job = env.get("SLURM_JOB_ID")
+        port = str(20000 + int(job) % 20000) if job else "29500"
+    return {"rank": rank, "world_size": world, "local_rank": local, "master_addr": addr, "master_port": port}
+
+
+def start_process_group(env: dict, backend: str, timeout_s: int) -> None:
+    """Join the rendezvous described by ``env`` (from ``launch_env``), unless a group already runs."""
+    if dist.is_initialized():
+        return
+    dist.init_process_group(
+        backend=backend,
+        init_method=f"tcp://{env['master_addr']}:{env['master_port']}",
+        rank=env["rank"],
+        world_size=env["world_size"],
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
