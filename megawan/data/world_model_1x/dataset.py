@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -87,6 +88,7 @@ class WorldModel1XDataset(torch.utils.data.Dataset):
             raise ValueError(f"no clip of {config.clip_frames} frames (stride {config.frame_stride}) fits in "
                              f"{config.root}; bad input seen: {dict(self.report.counts)}")
         self._readers: OrderedDict[int, object] = OrderedDict()
+        self._readers_pid = os.getpid()
 
     def _check_shard(self, shard: Shard1X):
         try:
@@ -134,6 +136,11 @@ class WorldModel1XDataset(torch.utils.data.Dataset):
         return state
 
     def _reader(self, position: int):
+        if self._readers_pid != os.getpid():
+            # A forked loader worker inherited the parent's open readers: their file offsets and decoder
+            # state are shared with the parent. Forget them (closing would act on the parent's files too)
+            # and open this process's own.
+            self._readers, self._readers_pid = OrderedDict(), os.getpid()
         reader = self._readers.pop(position, None)
         if reader is None:
             reader = open_video(self.shards[position].video, self.backend, num_threads=self.config.decode_threads)
