@@ -133,13 +133,16 @@ class WorldModel1XDataset(torch.utils.data.Dataset):
     def __getstate__(self):  # open readers stay in the process that opened them
         state = self.__dict__.copy()
         state["_readers"] = OrderedDict()
+        state.pop("_inherited_readers", None)
         return state
 
     def _reader(self, position: int):
         if self._readers_pid != os.getpid():
-            # A forked loader worker inherited the parent's open readers: their file offsets and decoder
-            # state are shared with the parent. Forget them (closing would act on the parent's files too)
-            # and open this process's own.
+            # A forked loader worker inherited the parent's open readers, whose file offsets (and decoder
+            # threads) belong to the parent: using one corrupts reads on both sides. Open this process's own.
+            # The inherited ones are kept referenced, never used or closed: freeing a decoder here would
+            # join threads that exist only in the parent.
+            self._inherited_readers = self._readers
             self._readers, self._readers_pid = OrderedDict(), os.getpid()
         reader = self._readers.pop(position, None)
         if reader is None:
