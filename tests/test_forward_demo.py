@@ -47,5 +47,6 @@ def test_a_layout_error_is_said_once_without_a_traceback(tmp_path, capsys, monke
         forward_demo.main(["--data", str(tmp_path), "--tp", "3"])  # 1 rank cannot hold TP3
     assert exit_.value.code == forward_demo.STARTUP_ERROR_EXIT
     out, err = capsys.readouterr()
-    assert err.count("LayoutError") == 1 and "Traceback" not in err
-    assert out.strip().splitlines()[-1] == "FAIL: the job did not start (LayoutError)"
+    assert "Traceback" not in err and out.count("LayoutError") == 1
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("FAIL: the job did not start: LayoutError: world size 1") and "(rule: " in last

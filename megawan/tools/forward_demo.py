@@ -51,8 +51,7 @@ STARTUP_ERROR_EXIT = 3  # launch/torchrun.sh keeps torchrun's child-failure repo
 def _startup_error(error: Exception, rank: int):
     """A configuration problem is the same on every rank: say it once, without tracebacks."""
     if rank == 0:
-        print(f"forward_demo: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
-        print(f"FAIL: the job did not start ({type(error).__name__})", flush=True)
+        print(f"FAIL: the job did not start: {type(error).__name__}: {error}", flush=True)
     raise SystemExit(STARTUP_ERROR_EXIT)
 
 
