@@ -3,6 +3,8 @@ equal to one rank (a replicated and a TP-split gradient), one verdict line, star
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from megawan.testing import run_distributed
@@ -11,8 +13,10 @@ from megawan.tools.make_sample_data import make_sample_data
 
 
 def _run_demo(data, tp, cp):
-    return forward_demo.main(["--data", str(data), "--tp", str(tp), "--cp", str(cp), "--clip-frames", "9",
-                              "--size", "64"])
+    report = forward_demo.main(["--data", str(data), "--tp", str(tp), "--cp", str(cp), "--clip-frames", "9",
+                                "--size", "64"])
+    report["data_log_level"] = logging.getLogger("megawan.data").getEffectiveLevel()
+    return report
 
 
 def test_forward_demo_matches_single_rank(tmp_path):
@@ -26,7 +30,9 @@ def test_forward_demo_matches_single_rank(tmp_path):
         assert r["velocity_rel_diff"] <= 1e-5
         assert r["grad_rel_diff"] <= 1e-5  # replicated (patch embedding)
         assert r["grad_tp_split"].startswith("blocks.") and r["grad_tp_split_rel_diff"] <= 1e-5
-        assert r["bad_input_skipped"] == {}
+        assert r["bad_input_skipped"] == {} and r["bad_input_skipped_by_dp_rank"] == {0: {}}
+        # the files' problems are the same on every rank: only rank 0 logs them
+        assert r["data_log_level"] == (logging.WARNING if r["rank"] == 0 else logging.ERROR)
         assert r["verdict"].startswith("PASS: TP2 x CP2 x DP1 step vs the single-rank run agree")
 
 

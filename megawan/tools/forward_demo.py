@@ -154,7 +154,7 @@ def main(argv=None) -> dict:
     single = _build_dit(args, _single_rank_groups(groups))
     v1, loss1 = _step(single, latents, noise, args.sigma, text)
     report = {
-        "rank": rank, "layout": {"tp": groups.tp, "cp": groups.cp, "dp": groups.dp,
+        "rank": rank, "dp_rank": groups.dp_rank, "layout": {"tp": groups.tp, "cp": groups.cp, "dp": groups.dp,
                                  "sequence_parallel": dit.sequence_parallel},
         "clip": {"shard": sample["shard"], "first_frame": sample["first_frame"]},
         "video": list(sample["video"].shape), "latents": list(latents.shape),
@@ -171,6 +171,8 @@ def main(argv=None) -> dict:
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, report)
     report["verdict"] = _verdict(everyone, report["layout"])
+    # what each replica's reader skipped (ranks of one replica read the same clip: one entry per DP rank)
+    report["bad_input_skipped_by_dp_rank"] = {r["dp_rank"]: r["bad_input_skipped"] for r in everyone}
     if rank == 0:
         print(json.dumps({k: v for k, v in report.items() if k != "verdict"}, indent=2, default=str))
         print(report["verdict"], flush=True)
