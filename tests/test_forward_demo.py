@@ -8,6 +8,7 @@ import logging
 import pytest
 
 from megawan.testing import run_distributed
+from megawan.parallel_state.launch import STARTUP_ERROR_EXIT
 from megawan.tools import forward_demo
 from megawan.tools.make_sample_data import make_sample_data
 
@@ -51,7 +52,7 @@ def test_a_layout_error_is_said_once_without_a_traceback(tmp_path, capsys, monke
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(SystemExit) as exit_:
         forward_demo.main(["--data", str(tmp_path), "--tp", "3"])  # 1 rank cannot hold TP3
-    assert exit_.value.code == forward_demo.STARTUP_ERROR_EXIT
+    assert exit_.value.code == STARTUP_ERROR_EXIT
     out, err = capsys.readouterr()
     assert "Traceback" not in err and out.count("LayoutError") == 1
     last = out.strip().splitlines()[-1]

@@ -31,20 +31,11 @@ from megawan.models.dit import DiTRuntime, WanDiT
 from megawan.models.dit_config import WanDiTConfig
 from megawan.vae.model import WanVAE38, WanVAE38Config
 from megawan.parallel_state import LayoutError, ParallelGroups
+from megawan.parallel_state.launch import startup_error
 from megawan.parallel_state.grads import reduce_model_parallel_grads
 
 
 TOLERANCE = 1e-4  # relative, float32 on CPU: only the order of reductions differs from the single rank
-STARTUP_ERROR_EXIT = 3  # launch/torchrun.sh keeps torchrun's child-failure report out for this status
-
-
-def _startup_error(error: Exception, rank: int):
-    """A configuration problem is the same on every rank: say it once, without tracebacks."""
-    if rank == 0:
-        print(f"FAIL: the job did not start: {type(error).__name__}: {error}", flush=True)
-    raise SystemExit(STARTUP_ERROR_EXIT)
-
-
 def _tp_split_grad(model: WanDiT, groups: ParallelGroups) -> tuple[str, torch.Tensor]:
     """Name and full gradient of the first TP-split (stride 1) parameter, gathered over the TP group."""
     name, p = next((n, p) for n, p in model.named_parameters()
@@ -113,14 +104,14 @@ def main(argv=None) -> dict:
     try:
         groups = parallel_state.initialize(args.tp, args.cp, vae_shards=args.tp * args.cp)
     except LayoutError as e:
-        _startup_error(e, env_rank)
+        startup_error(e, env_rank)
     rank, dev = dist.get_rank(), groups.device
     try:
         data = WorldModel1XDataset(WorldModel1XConfig(root=args.data, clip_frames=args.clip_frames,
                                                       size=(args.size, args.size)))
     except (FileNotFoundError, ValueError) as e:  # no data there, or no clip fits
         parallel_state.destroy()
-        _startup_error(e, rank)
+        startup_error(e, rank)
     sample = data[groups.dp_rank % len(data)]
     torch.manual_seed(args.seed)
     vae = (WanVAE38.from_pretrained(args.vae_checkpoint, device=dev) if args.vae_checkpoint
