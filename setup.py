@@ -6,7 +6,7 @@ setup(
     description="Megatron-style training and inference of Wan 2.2 TI2V-5B (DiT + VAE38)",
     python_requires=">=3.11",
     packages=find_packages(include=["megawan", "megawan.*"]),
-    package_data={"megawan.presets": ["*/*.json"]},  # model presets, read through importlib.resources
+    package_data={"megawan.presets": ["*/*.json", "*/*.yaml"]},  # model presets, read through importlib.resources
     install_requires=[
         "torch>=2.4",
         "megatron-core>=0.16",
@@ -14,6 +14,9 @@ setup(
         "numpy",
         "einops",
         "tqdm",
+        "pyyaml",
+        "psutil",  # megatron dist_checkpointing's writer; host memory check
+        "tensorboard",
         "av>=12",
         "transformers>=4.45",  # umT5 text encoder (megawan.tools.precompute)
     ],

@@ -20,7 +20,7 @@ import yaml
 
 from megawan.diffusion import FlowMatchingConfig
 
-PRESET_DIR = Path(__file__).resolve().parent / "presets"
+PRESET_DIR = Path(__file__).resolve().parents[1] / "presets" / "train"  # package data; configs/train links here
 
 
 class ConfigError(ValueError):
