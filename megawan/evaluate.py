@@ -24,7 +24,7 @@ from megawan.evaluation.rollouts import METRICS, evaluate_rollouts
 from megawan.models.dit import DiTRuntime, WanDiT
 from megawan.models.dit_config import WanDiTConfig
 from megawan.models.vae import WanVAE38
-from megawan.pipelines.release import locate
+from megawan.pipelines.release import locate, start_groups
 from megawan.pipelines.sampling import SamplingConfig
 from megawan.pipelines.video_out import save_png
 
@@ -74,7 +74,7 @@ def main(argv=None) -> dict:
     size = (args.size, args.size) if args.size else None
     clips = held_out_clips(args.data, args.num_clips, args.frames, size)
 
-    groups = parallel_state.initialize(args.tp, args.cp, num_heads=config.num_heads)
+    groups = start_groups(args.tp, args.cp, config.num_heads)
     dev = groups.device
     model = WanDiT.from_pretrained(files.dit, dtype=DTYPES[args.dtype], groups=groups, state_dim=args.state_dim,
                                    runtime=DiTRuntime(linear_impl="local" if dev.type == "cpu" else "auto"))

@@ -28,7 +28,7 @@ from megawan.models.dit import DiTRuntime, WanDiT
 from megawan.models.dit_config import WanDiTConfig
 from megawan.models.vae import WanVAE38
 from megawan.pipelines.pipeline import Request, WanSampler, check_request
-from megawan.pipelines.release import locate
+from megawan.pipelines.release import locate, start_groups
 from megawan.pipelines.sampling import SamplingConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -159,7 +159,7 @@ def main(argv=None) -> list[dict]:
         config = replace(config, state_dim=args.state_dim)
     requests = _requests(args, config)  # all input errors surface here, before any model is loaded
 
-    groups = parallel_state.initialize(args.tp, args.cp, num_heads=config.num_heads)
+    groups = start_groups(args.tp, args.cp, config.num_heads)
     dev = groups.device
     mine = [r for i, r in enumerate(requests) if i % groups.dp == groups.dp_rank]
     null = None  # no text encoder: empty text on both branches, so nothing to guide

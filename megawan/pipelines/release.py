@@ -13,8 +13,13 @@ so a missing file fails before any model is built.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch.distributed as dist
+
+from megawan import parallel_state
 
 OFFICIAL_VAE = "Wan2.2_VAE.pth"
 OFFICIAL_T5 = "models_t5_umt5-xxl-enc-bf16.pth"
@@ -75,3 +80,14 @@ def locate(root=None, *, dit=None, vae=None, text_encoder=None, tokenizer=None,
         default_tok = [te.parent / OFFICIAL_TOKENIZER] if te.suffix == ".pth" else [te.parent / "tokenizer", te]
         tok = find(tokenizer, default_tok, "umT5 tokenizer")
     return CheckpointFiles(dit_path, vae_path, te, tok)
+
+
+def start_groups(tp: int, cp: int, num_heads: int):
+    """``parallel_state.initialize`` for the CLIs. A lone process (no torchrun / SLURM variables) gets a 1-rank
+    group through an in-memory store, so it never binds the default rendezvous port."""
+    launched = ("RANK" in os.environ and "WORLD_SIZE" in os.environ) or "SLURM_PROCID" in os.environ
+    if not launched and not dist.is_initialized():
+        if tp * cp != 1:
+            raise ValueError(f"--tp {tp} --cp {cp} needs {tp * cp} ranks: launch with torchrun or srun")
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    return parallel_state.initialize(tp, cp, num_heads=num_heads)
