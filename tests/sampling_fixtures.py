@@ -49,3 +49,15 @@ def write_release(root: Path, state_dim: int = 0, text: bool = True) -> Path:
                 shutil.copy(f, tok / f.name)
         shutil.rmtree(hf)
     return root
+
+
+def write_diffusers_release(root: Path) -> Path:
+    """The same tiny weights as ``write_release`` in the layout of Wan-AI/Wan2.2-TI2V-5B-Diffusers."""
+    from megawan.data.text_encoder import save_tiny_umt5
+
+    root = Path(root)
+    tiny_dit().save_pretrained(root / "transformer", layout="diffusers")
+    tiny_vae().save_pretrained(root / "vae", layout="diffusers")
+    save_tiny_umt5(root / "text_encoder", d_model=TINY.text_dim)
+    shutil.copytree(root / "text_encoder", root / "tokenizer")
+    return root

@@ -106,3 +106,27 @@ def test_evaluate_on_the_sample_data(tmp_path, sample_data, capsys):
     table = capsys.readouterr().out
     assert "| psnr_last |" in table and "copy-last-frame" in table
     assert res["settings"]["frames"] == 25
+
+
+def test_both_release_layouts_give_the_same_video(release, image, tmp_path):
+    """The official folder and the diffusers folder of the same weights sample the same video for a seed
+    (compared on the lossless contact sheet, which holds every frame of this 5-frame video)."""
+    from PIL import Image
+
+    from tests.sampling_fixtures import write_diffusers_release
+
+    diff = write_diffusers_release(tmp_path / "Wan2.2-TI2V-5B-Diffusers")
+    sheets = []
+    for root in (release, diff):
+        out = tmp_path / root.name / "v.mp4"
+        generate.main(["--ckpt", str(root), "--prompt", "a red disc", "--image", str(image), "--frames", "5",
+                       "--steps", "2", "--dtype", "fp32", "--out", str(out)])
+        sheets.append(np.array(Image.open(out.with_suffix(".png"))))
+    assert sheets[0].shape == (64, 5 * 96 + 4 * 4, 3) and np.array_equal(sheets[0], sheets[1])
+
+
+def test_a_bare_model_name_says_where_weights_come_from():
+    from megawan.models.dit_config import WanDiTConfig
+
+    with pytest.raises(FileNotFoundError, match="transformer/ folder of Wan-AI/Wan2.2-TI2V-5B-Diffusers"):
+        WanDiTConfig.load("Wan2.2-TI2V-5B")

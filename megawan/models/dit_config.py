@@ -82,7 +82,10 @@ class WanDiTConfig:
         elif not p.exists():
             p = CONFIG_DIR / f"{name_or_path}.json"
         if not p.exists():
-            raise FileNotFoundError(f"no DiT config at {name_or_path!r} (nor {p})")
+            raise FileNotFoundError(
+                f"no DiT config at {name_or_path!r} (nor {p}): pass the local folder of a download (nothing is "
+                f"downloaded): the root of Wan-AI/Wan2.2-TI2V-5B, or the transformer/ folder of "
+                f"Wan-AI/Wan2.2-TI2V-5B-Diffusers (see the README's 'Released weights')")
         d = json.loads(p.read_text())
         d = d.get("dit", d)
         return cls.from_dict({k: v for k, v in d.items() if not k.startswith("_")

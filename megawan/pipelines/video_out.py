@@ -54,10 +54,14 @@ class Mp4Writer:
             self.stream = self.container.add_stream(self.codec, rate=Fraction(self.fps).limit_denominator(1001))
             self.stream.height, self.stream.width = arr.shape[1], arr.shape[2]
             self.stream.pix_fmt = "yuv420p"
+            self.stream.codec_context.time_base = Fraction(1) / self.stream.codec_context.framerate
             if self.codec == "libx264":
                 self.stream.options = {"crf": str(self.crf)}
         for frame in arr:
-            for packet in self.stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            vf = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            vf.pts = self.frames  # in units of 1/fps: the stream's time base
+            vf.time_base = self.stream.codec_context.time_base
+            for packet in self.stream.encode(vf):
                 self.container.mux(packet)
             self.frames += 1
 
