@@ -31,12 +31,26 @@ from megawan.pipelines.video_out import save_png
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def held_out_clips(root, num_clips: int, frames: int = 77, size=None) -> list[dict]:
-    """``num_clips`` clips spread evenly over the split (the same on every rank)."""
-    data = WorldModel1XDataset(WorldModel1XConfig(root=str(root), clip_frames=frames, size=size))
-    n = min(num_clips, len(data))
-    idx = sorted({round(i * (len(data) - 1) / max(1, n - 1)) for i in range(n)})
-    return [{**data[i], "index": i} for i in idx]
+class HeldOutClips:
+    """``num_clips`` clips spread evenly over a 1X split, read only when indexed (each DP replica reads its own)."""
+
+    def __init__(self, root, num_clips: int, frames: int = 77, size=None):
+        self.data = WorldModel1XDataset(WorldModel1XConfig(root=str(root), clip_frames=frames, size=size))
+        n = min(num_clips, len(self.data))
+        self.indices = sorted({round(i * (len(self.data) - 1) / max(1, n - 1)) for i in range(n)})
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.data[self.indices[i]]
+
+    def describe(self) -> list[dict]:
+        out = []
+        for i in self.indices:
+            position, first = self.data.index.locate(i)
+            out.append({"index": i, "shard": self.data.shards[position].index, "first_frame": int(first)})
+        return out
 
 
 def format_table(result: dict) -> str:
@@ -72,7 +86,7 @@ def main(argv=None) -> dict:
     if args.state_dim is not None:
         config = replace(config, state_dim=args.state_dim)
     size = (args.size, args.size) if args.size else None
-    clips = held_out_clips(args.data, args.num_clips, args.frames, size)
+    clips = HeldOutClips(args.data, args.num_clips, args.frames, size)
 
     groups = start_groups(args.tp, args.cp, config.num_heads)
     dev = groups.device
@@ -83,7 +97,7 @@ def main(argv=None) -> dict:
     result = evaluate_rollouts(model, vae, clips, groups, config=sampling, context_frames=args.context_frames,
                                seed=args.seed, progress=True)
     sheet = result.pop("contact_sheet")
-    result["clips"] = [{"index": c["index"], "shard": c["shard"], "first_frame": c["first_frame"]} for c in clips]
+    result["clips"] = clips.describe()
     result["settings"] = {**vars(args), "sampling": sampling.to_dict(),
                           "layout": {"tp": groups.tp, "cp": groups.cp, "dp": groups.dp}}
     if torch.distributed.get_rank() == 0:

@@ -130,3 +130,12 @@ def test_a_bare_model_name_says_where_weights_come_from():
 
     with pytest.raises(FileNotFoundError, match="transformer/ folder of Wan-AI/Wan2.2-TI2V-5B-Diffusers"):
         WanDiTConfig.load("Wan2.2-TI2V-5B")
+
+
+def test_generate_a_world_model_rollout_from_a_1x_clip(tmp_path, sample_data):
+    wm = write_release(tmp_path / "wm", state_dim=STATE_DIM, text=False)
+    out = tmp_path / "rollout.mp4"
+    info = generate.main(["--ckpt", str(wm), "--no-text", "--data", str(sample_data), "--clip", "1", "--frames", "25",
+                          "--guidance", "1", "--steps", "2", "--dtype", "fp32", "--out", str(out)])[0]
+    assert info["mode"] == "world_model" and info["frames"] == 25 and info["height"] == 64
+    assert json.loads(out.with_suffix(".json").read_text())["inputs"]["clip"] == 1

@@ -168,3 +168,13 @@ def test_sampler_checks_before_denoising():
     with pytest.raises(ValueError, match="multiples of 32"):
         sampler.sample(_req(image=_image(40, 64)))
     assert model.calls == []
+
+
+def test_progress_prints_steps_and_eta_on_rank0(capsys):
+    from megawan.pipelines.sampling import Progress
+
+    bar = Progress(10, "decode", every=3)
+    for done in (1, 5, 9, 10):  # frame groups arrive 4 at a time after the first
+        bar.update(done)
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split()[1] for ln in lines] == ["5/10", "9/10", "10/10"] and all("ETA" in ln for ln in lines)

@@ -60,7 +60,7 @@ def score_clip(pred_frames, true: torch.Tensor, context_frames: int) -> tuple[di
     return scores, sheet_rows
 
 
-def evaluate_rollouts(model, vae, clips: list[dict], groups, *, text: torch.Tensor | None = None,
+def evaluate_rollouts(model, vae, clips, groups, *, text: torch.Tensor | None = None,
                       config: SamplingConfig = ROLLOUT_SAMPLING, context_frames: int = WORLD_MODEL_CONTEXT,
                       seed: int = 0, null_text: torch.Tensor | None = None, progress: bool = False) -> dict:
     """Roll the world model out on ``clips`` and score it against the truth and the copy-last-frame baseline.
@@ -68,8 +68,9 @@ def evaluate_rollouts(model, vae, clips: list[dict], groups, *, text: torch.Tens
     Args:
         model: a WanDiT (state-conditioned for the 1X set-up), in any TP x CP layout; put in eval mode here.
         vae: WanVAE38; encodes the context and decodes sharded over ``groups.vae_group``.
-        clips: the SAME list on every rank: dicts with "video" [3, T, H, W] in [-1, 1] and "states" [T, D]
-            (e.g. items of WorldModel1XDataset with clip_frames=77). Clip i runs on DP replica i % dp.
+        clips: the SAME sequence on every rank (a list, or anything with len() and [i], read lazily): dicts
+            with "video" [3, T, H, W] in [-1, 1] and "states" [T, D] (e.g. items of WorldModel1XDataset with
+            clip_frames=77). Clip i runs on DP replica i % dp; only its replica reads it.
         groups: the run's ParallelGroups.
         text: [Lt, text_dim] prompt embedding used for every clip (default: no prompt, zeros [0, text_dim]).
         config: sampling settings (default: release UniPC, 50 steps, shift 5, no guidance).

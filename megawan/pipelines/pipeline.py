@@ -136,7 +136,7 @@ class WanSampler:
                  progress: bool = True) -> dict:
         """Sample, then decode to ``out_path`` (.mp4) + .png contact sheet + .json settings (rank 0 writes)."""
         latents = self.sample(req, null_text, progress)
-        info = write_video(self.vae, latents, out_path, self.groups.vae_group, fps=fps)
+        info = write_video(self.vae, latents, out_path, self.groups.vae_group, fps=fps, progress=progress)
         info.update(seed=req.seed, frames_requested=req.frames, sampling=self.config.to_dict(),
                     mode="world_model" if req.context is not None else "ti2v" if req.image is not None else "t2v",
                     guidance_applied=null_text is not None and self.config.guidance != 1.0,

@@ -63,17 +63,19 @@ def frame_timesteps(t: float, clean: int, grid: tuple[int, int, int], batch: int
 
 
 class Progress:
-    """Steps and ETA on one line, printed by rank 0 only (every ``every`` steps and at the end)."""
+    """Progress and ETA on one line, printed by rank 0 only, about every ``every`` units and at the end."""
 
     def __init__(self, total: int, what: str, every: int = 1, enabled: bool | None = None):
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
         self.total, self.what, self.every = total, what, max(1, every)
         self.enabled = rank0 if enabled is None else enabled and rank0
         self.start = time.perf_counter()
+        self.next = self.every
 
     def update(self, done: int) -> None:
-        if not self.enabled or (done % self.every and done != self.total):
+        if not self.enabled or (done < self.next and done != self.total):
             return
+        self.next = (done // self.every + 1) * self.every
         spent = time.perf_counter() - self.start
         eta = spent / done * (self.total - done)
         print(f"[{self.what}] {done}/{self.total}  {spent:.1f}s elapsed, ETA {eta:.1f}s", flush=True)

@@ -109,10 +109,13 @@ def sheet_indices(num_frames: int, count: int = 8) -> list[int]:
 
 
 def write_video(vae, latents: torch.Tensor, path, group=None, *, fps: float = 24.0, sheet_frames: int = 8,
-                frames_per_step: int = 1) -> dict:
+                frames_per_step: int = 1, progress: bool = False) -> dict:
     """Decode one sample's latents [1, C, F, h, w] over ``group`` into ``path`` (.mp4) and a contact sheet
     beside it (.png, ``sheet_frames`` frames). Every rank of the group must call it; rank 0 writes."""
+    from megawan.pipelines.sampling import Progress
+
     total = 4 * (latents.shape[2] - 1) + 1
+    bar = Progress(total, "decode", every=max(1, total // 10), enabled=progress)
     keep = set(sheet_indices(total, sheet_frames))
     writer = Mp4Writer(path, fps) if _is_writer(group) else None
     picked, start = [], 0
@@ -123,6 +126,7 @@ def write_video(vae, latents: torch.Tensor, path, group=None, *, fps: float = 24
                 writer.write(img)
             picked += [img[i - start] for i in range(start, start + img.shape[0]) if i in keep]
             start += img.shape[0]
+            bar.update(start)
     finally:
         if writer is not None:
             writer.close()
