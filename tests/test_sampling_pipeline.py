@@ -178,3 +178,18 @@ def test_progress_prints_steps_and_eta_on_rank0(capsys):
         bar.update(done)
     lines = capsys.readouterr().out.splitlines()
     assert [ln.split()[1] for ln in lines] == ["5/10", "9/10", "10/10"] and all("ETA" in ln for ln in lines)
+
+
+def test_the_video_is_streamed_to_the_mp4_a_frame_group_at_a_time(tmp_path, monkeypatch):
+    """write_video hands the encoder 1 frame, then groups of 4: the whole video is never assembled."""
+    import megawan.pipelines.video_out as vo
+
+    seen = []
+    orig = vo.Mp4Writer.write
+    monkeypatch.setattr(vo.Mp4Writer, "write", lambda self, frames: (seen.append(frames.shape[0]), orig(self, frames)))
+    vae = tiny_vae()
+    latents = torch.randn(1, 48, 4, 2, 3, generator=torch.Generator().manual_seed(0))
+    info = vo.write_video(vae, latents, tmp_path / "v.mp4")
+    assert seen == [1, 4, 4, 4] and info["frames"] == 13 and (info["height"], info["width"]) == (32, 48)
+    whole = torch.cat([vo.to_uint8(f) for f in vo.decode_frames(vae, latents)])
+    assert torch.equal(whole, vo.to_uint8(vae.decode(latents)[0]))
