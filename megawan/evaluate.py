@@ -53,6 +53,21 @@ class HeldOutClips:
         return out
 
 
+def load_text_embedding(path, text_dim: int) -> torch.Tensor:
+    """[L, D] from a safetensors file's ``text_embeds`` (trailing all-zero padding rows dropped)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"text embedding file not found: {path}")
+    emb = load_file(str(path)).get("text_embeds")
+    if emb is None or emb.ndim != 2 or emb.shape[1] != text_dim:
+        raise ValueError(f"{path} must hold text_embeds [L, {text_dim}], got "
+                         f"{None if emb is None else tuple(emb.shape)}")
+    nonzero = emb.abs().sum(1).nonzero()
+    return emb[: int(nonzero.max()) + 1 if len(nonzero) else 0].float()
+
+
 def format_table(result: dict) -> str:
     rows = ["| metric | model | copy-last-frame |", "|---|---:|---:|"]
     for m in METRICS:
@@ -67,6 +82,9 @@ def main(argv=None) -> dict:
     p.add_argument("--dit")
     p.add_argument("--vae")
     p.add_argument("--state-dim", type=int, help="add zero-initialised state conditioning to a released model")
+    p.add_argument("--text-embedding", help="safetensors with text_embeds [L, D]: the prompt embedding the model was "
+                                            "trained with, e.g. a latent cache's empty_prompt.safetensors "
+                                            "(default: no text tokens)")
     p.add_argument("--num-clips", type=int, default=16)
     p.add_argument("--frames", type=int, default=77)
     p.add_argument("--context-frames", type=int, default=17)
@@ -86,6 +104,7 @@ def main(argv=None) -> dict:
     if args.state_dim is not None:
         config = replace(config, state_dim=args.state_dim)
     size = (args.size, args.size) if args.size else None
+    text = load_text_embedding(args.text_embedding, config.text_dim) if args.text_embedding else None
     clips = HeldOutClips(args.data, args.num_clips, args.frames, size)
 
     groups = start_groups(args.tp, args.cp, config.num_heads)
@@ -94,7 +113,7 @@ def main(argv=None) -> dict:
                                    runtime=DiTRuntime(linear_impl="local" if dev.type == "cpu" else "auto"))
     vae = WanVAE38.from_pretrained(files.vae, device=dev)
     sampling = SamplingConfig(steps=args.steps, shift=args.shift, solver=args.solver, guidance=1.0)
-    result = evaluate_rollouts(model, vae, clips, groups, config=sampling, context_frames=args.context_frames,
+    result = evaluate_rollouts(model, vae, clips, groups, text=text, config=sampling, context_frames=args.context_frames,
                                seed=args.seed, progress=True)
     sheet = result.pop("contact_sheet")
     result["clips"] = clips.describe()

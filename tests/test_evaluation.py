@@ -104,3 +104,26 @@ def test_rollouts_over_two_dp_replicas_equal_one_process(world_release):
         assert abs(two[0][key] - single[key]) < 1e-6 and two[0][key] == two[1][key], key
     assert torch.equal(two[1]["contact_sheet"], single["contact_sheet"])
     assert single["contact_sheet"].dtype == torch.uint8 and single["contact_sheet"].shape[0] == 3
+
+
+def test_tensorboard_logging_pairs_model_and_baseline():
+    from megawan.evaluation import log_to_tensorboard
+
+    class Recorder:
+        def __init__(self):
+            self.scalars, self.images = {}, {}
+
+        def add_scalars(self, tag, values, step):
+            self.scalars[tag] = (values, step)
+
+        def add_image(self, tag, img, step):
+            self.images[tag] = (img, step)
+
+    result = {m: float(i) for i, m in enumerate(("psnr_last", "psnr_mean", "ssim_last", "ssim_mean"))}
+    result.update({"baseline_" + m: v + 10 for m, v in list(result.items())})
+    result["contact_sheet"] = torch.zeros(3, 4, 8, dtype=torch.uint8)
+    w = Recorder()
+    log_to_tensorboard(w, result, 500)
+    assert w.scalars["eval/psnr_last"] == ({"model": 0.0, "copy_last_frame": 10.0}, 500)
+    assert w.scalars["eval/ssim_mean"] == ({"model": 3.0, "copy_last_frame": 13.0}, 500)
+    assert w.images["eval/rollout"][0].shape == (3, 4, 8)

@@ -94,10 +94,17 @@ def sample_data(tmp_path_factory):
 
 
 def test_evaluate_on_the_sample_data(tmp_path, sample_data, capsys):
+    from safetensors.torch import save_file
+
     wm = write_release(tmp_path / "wm", state_dim=STATE_DIM, text=False)
     out = tmp_path / "eval.json"
+    emb = torch.zeros(512, 64)
+    emb[:1] = 0.5  # an "empty prompt": one token, padded as the latent cache stores it
+    save_file({"text_embeds": emb}, str(tmp_path / "empty_prompt.safetensors"))
+    assert evaluate.load_text_embedding(tmp_path / "empty_prompt.safetensors", 64).shape == (1, 64)
     res = evaluate.main(["--ckpt", str(wm), "--data", str(sample_data), "--num-clips", "2", "--frames", "25",
-                         "--steps", "2", "--dtype", "fp32", "--out", str(out)])
+                         "--steps", "2", "--dtype", "fp32", "--out", str(out),
+                         "--text-embedding", str(tmp_path / "empty_prompt.safetensors")])
     saved = json.loads(out.read_text())
     assert saved["num_clips"] == 2 and len(saved["per_clip"]) == 2
     for key in ("psnr_last", "psnr_mean", "ssim_mean", "baseline_psnr_last", "baseline_ssim_mean"):

@@ -111,3 +111,12 @@ def evaluate_rollouts(model, vae, clips, groups, *, text: torch.Tensor | None = 
     for key in per_clip[0] if per_clip else ():
         out[key] = finite_mean(c[key] for c in per_clip)
     return out
+
+
+def log_to_tensorboard(writer, result: dict, step: int, prefix: str = "eval") -> None:
+    """Write ``evaluate_rollouts``' means as scalars (model and baseline side by side under one tag each) and
+    its contact sheet as an image. ``writer``: a torch.utils.tensorboard SummaryWriter (call on one rank)."""
+    for m in METRICS:
+        writer.add_scalars(f"{prefix}/{m}", {"model": result[m], "copy_last_frame": result["baseline_" + m]}, step)
+    if result.get("contact_sheet") is not None:
+        writer.add_image(f"{prefix}/rollout", result["contact_sheet"], step)  # uint8 CHW
