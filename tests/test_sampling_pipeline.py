@@ -121,16 +121,23 @@ def test_world_model_keeps_the_context_latents_and_uses_the_states(world_release
 
 
 def test_tp2_cp2_sampling_equals_single_process(release, world_release):
-    """Denoising over a TP2 x CP2 replica and the VAE decode sharded over its 4 ranks reproduce one process."""
+    """Denoising over a TP2 x CP2 replica and the VAE decode sharded over its 4 ranks reproduce one process:
+    TI2V with batched CFG, and a world-model rollout (5 clean latent frames, states; 7 latent frames of
+    2 x 3 tokens = 42 tokens, padded to 44: each rank's 11 tokens cut through frames)."""
     null = _text(2, 2)[0]
-    reqs = [Request(text=_text(4, 1)[0], image=_image(), frames=9, seed=3)]
-    single = workers.sample_layout(release, 1, 1, reqs, null, FAST)
-    dist4 = run_distributed(workers.sample_layout, 4, release, 2, 2, reqs, null, FAST)
+    g = torch.Generator().manual_seed(9)
+    world = Request(text=torch.zeros(0, TINY.text_dim), context=torch.rand(3, 17, 64, 96, generator=g) * 2 - 1,
+                    states=torch.randn(25, STATE_DIM, generator=g), frames=25, context_frames=17, seed=4)
+    jobs = [(release, [Request(text=_text(4, 1)[0], image=_image(), frames=9, seed=3)]), (world_release, [world])]
+    single = workers.sample_layout(jobs, 1, 1, null, FAST)
+    dist4 = run_distributed(workers.sample_layout, 4, jobs, 2, 2, null, FAST)
     for rank_out in dist4:  # every rank of the replica holds the same result
-        for (lat, frames), (lat1, frames1) in zip(rank_out, single):
-            assert rel_err(lat, lat1) <= 1e-5
-            assert (frames.int() - frames1.int()).abs().max() <= 1  # uint8 rounding of equal-up-to-1e-6 floats
-    assert torch.equal(dist4[0][0][0], dist4[3][0][0])
+        for job, job1 in zip(rank_out, single):
+            for (lat, frames), (lat1, frames1) in zip(job, job1):
+                assert rel_err(lat, lat1) <= 1e-5
+                assert (frames.int() - frames1.int()).abs().max() <= 1  # uint8 rounding of near-equal floats
+    for j in range(2):
+        assert torch.equal(dist4[0][j][0][0], dist4[3][j][0][0])
 
 
 # ---- bad requests ------------------------------------------------------------------------------------------
