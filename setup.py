@@ -18,12 +18,14 @@ setup(
         "psutil",  # megatron dist_checkpointing's writer; host memory check
         "tensorboard",
         "av>=12",
-        "transformers>=4.45",  # umT5 text encoder (megawan.tools.precompute)
+        "transformers>=4.45",  # umT5 text encoder (megawan.tools.precompute, megawan.generate)
+        "pillow",  # PNG contact sheets, image inputs (megawan.generate)
     ],
     extras_require={
         # diffusers is the independent reference; the CPU video decoders are compared with each other
         # (torchcodec 0.13 is the last CPU build: it needs the system's ffmpeg libraries).
-        "test": ["pytest>=8", "diffusers>=0.35", "torchcodec==0.13.0", "decord==0.6.0"],
+        "test": ["pytest>=8", "diffusers>=0.35", "torchcodec==0.13.0", "decord==0.6.0",
+                 "scikit-image>=0.22"],  # the independent PSNR / SSIM
         "gpu": ["transformer-engine[pytorch]", "flash-attn", "PyNvVideoCodec"],
     },
 )

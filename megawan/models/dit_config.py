@@ -87,8 +87,11 @@ class WanDiTConfig:
         elif not p.exists():
             if str(name_or_path) in presets.names("dit"):
                 return cls.preset(str(name_or_path))
-            raise FileNotFoundError(f"no DiT config at {name_or_path!r} (neither a file, a checkpoint "
-                                    f"directory nor a preset: {presets.names('dit')})")
+            raise FileNotFoundError(
+                f"no DiT config at {name_or_path!r}: neither a file, a checkpoint directory nor a preset "
+                f"({presets.names('dit')}). Pass the local folder of a download (nothing is downloaded): the root "
+                f"of Wan-AI/Wan2.2-TI2V-5B, or the transformer/ folder of Wan-AI/Wan2.2-TI2V-5B-Diffusers "
+                f"(see the README's 'Released weights')")
         d = json.loads(p.read_text())
         d = d.get("dit", d)
         return cls.from_dict({k: v for k, v in d.items() if not k.startswith("_")
