@@ -14,8 +14,19 @@ import importlib.util
 import sys
 from pathlib import Path
 
-# this checkout's megawan, whatever else is installed
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's megawan, whatever else is installed
+
+
+def module_exists(name: str) -> bool:
+    """megawan.* is looked up in this checkout's files (an editable install elsewhere may also answer)."""
+    if name.split(".")[0] == "megawan":
+        base = ROOT.joinpath(*name.split("."))
+        return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def fail(message: str) -> None:
@@ -48,11 +59,7 @@ def main(argv: list[str]) -> str:
             fail(str(e))
         return layout(world, cfg.parallel.tp, cfg.parallel.cp, " (parallel.tp, parallel.cp of the config)")
     module, tp, cp = argv[3], int(argv[4]), int(argv[5])
-    try:
-        found = importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        found = False
-    if not found:
+    if not module_exists(module):
         fail(f"python module {module} is not in this checkout")
     return layout(world, tp, cp, "")
 

@@ -101,10 +101,12 @@ WORLD=$((NNODES * NPROC))
 
 cd "$ROOT"
 if [ "$COMMAND" = train ]; then
-  ARGS=(--config "${CONFIG:-tiny_1x}" "${PASS[@]}")
-  [ -z "$TP" ] || ARGS+=(--parallel.tp "$TP")
-  [ -z "$CP" ] || ARGS+=(--parallel.cp "$CP")
-  LAYOUT=$("$PYTHON" launch/check.py --world "$WORLD" train "${ARGS[@]}" 2>&1) || die "${LAYOUT#error: }"
+  OVERRIDES=("${PASS[@]}")
+  [ -z "$TP" ] || OVERRIDES+=(--parallel.tp "$TP")
+  [ -z "$CP" ] || OVERRIDES+=(--parallel.cp "$CP")
+  ARGS=(--config "${CONFIG:-tiny_1x}" "${OVERRIDES[@]}")
+  LAYOUT=$("$PYTHON" launch/check.py --world "$WORLD" train "${CONFIG:-tiny_1x}" "${OVERRIDES[@]}" 2>&1) \
+    || die "${LAYOUT#error: }"
 else
   ARGS=("${PASS[@]}")
   [ -z "$TP" ] || ARGS+=(--tp "$TP")
@@ -113,10 +115,9 @@ else
     || die "${LAYOUT#error: }"
 fi
 
-ENV=()
-[ "$NNODES" -eq 1 ] || ENV=(NNODES="$NNODES" NODE_RANK="$NODE_RANK" MASTER_ADDR="$MASTER_ADDR_ARG"
-                            MASTER_PORT="$MASTER_PORT_ARG")
-CMD=(env "${ENV[@]}" bash launch/torchrun.sh "$NPROC" "$MODULE" "${ARGS[@]}")
+CMD=(bash launch/torchrun.sh "$NPROC" "$MODULE" "${ARGS[@]}")
+[ "$NNODES" -eq 1 ] || CMD=(env NNODES="$NNODES" NODE_RANK="$NODE_RANK" MASTER_ADDR="$MASTER_ADDR_ARG"
+                            MASTER_PORT="$MASTER_PORT_ARG" "${CMD[@]}")
 echo "megawan: $COMMAND on $NNODES node(s) x $NPROC rank(s), $LAYOUT; python $(command -v "$PYTHON")"
 echo "+ ${CMD[*]@Q}"
 [ "$DRY_RUN" -eq 0 ] || exit 0
