@@ -6,8 +6,9 @@ different across replicas, and the same after a resume into any layout); forward
 megatron DDP; the DP x CP reduction and the TP reduction of sequence-parallel grads; a finite check
 (a non-finite loss or gradient skips the step, counted; ``max_nonfinite_in_a_row`` stops the run);
 the distributed optimizer step (clipped by the global norm), the LR schedule and the EMA.
-Checkpoints every ``checkpoint.every`` steps, at the end, and at the next step boundary after SIGTERM
-or SIGUSR1 (then the process exits 0).
+Checkpoints every ``checkpoint.every`` steps, when the run ends (``run.steps`` reached, or
+``run.exit_after_steps`` done in this process), and at the next step boundary after SIGTERM or SIGUSR1
+(then the process exits 0).
 """
 
 from __future__ import annotations
@@ -142,24 +143,33 @@ class Trainer:
 
     # ---- one step ------------------------------------------------------------------------------
 
-    def _generator(self, step: int, micro: int) -> torch.Generator:
-        return torch.Generator().manual_seed(_derive_seed(self.cfg.run.seed, step, micro, self.groups.dp_rank))
+    def _sample_generator(self, step: int, micro: int, i: int) -> torch.Generator:
+        """Sample i of this rank's micro-batch is sample ``i * dp + dp_rank`` of the step's global batch (the
+        sampler interleaves DP ranks), so its draws are the same in every layout with the same global batch."""
+        index = i * self.groups.dp + self.groups.dp_rank
+        return torch.Generator().manual_seed(_derive_seed(self.cfg.run.seed, step, micro, index))
 
-    def loss(self, batch: Batch, gen: torch.Generator, sigma: torch.Tensor | None = None,
-             noise: torch.Tensor | None = None, text_dropout: bool = True) -> torch.Tensor:
-        """Flow-matching loss of one micro-batch; random draws from ``gen`` unless given."""
-        obj, x0 = self.cfg.objective, batch.latents
-        n = batch.size
-        sigma = sample_sigmas(n, obj, gen) if sigma is None else sigma
-        clean = clean_frame_counts(n, obj, gen)
-        noise = torch.randn(x0.shape, generator=gen) if noise is None else noise
+    def draws(self, batch: Batch, step: int, micro: int):
+        """(sigma [B], clean frames [B], noise, text after dropout), drawn per sample."""
+        obj, parts = self.cfg.objective, []
+        for i in range(batch.size):
+            gen = self._sample_generator(step, micro, i)
+            parts.append((sample_sigmas(1, obj, gen), clean_frame_counts(1, obj, gen),
+                          torch.randn(batch.latents.shape[1:], generator=gen)[None],
+                          apply_text_dropout(batch.text[i:i + 1], self.data.empty_text, obj.text_dropout, gen)))
+        sigma, clean, noise, text = (torch.cat(x) for x in zip(*parts))
+        return sigma, clean, noise, text
+
+    def loss(self, batch: Batch, sigma: torch.Tensor, clean: torch.Tensor, noise: torch.Tensor,
+             text: torch.Tensor) -> torch.Tensor:
+        """Flow-matching loss of one micro-batch for the given draws."""
+        x0 = batch.latents
         noise = noise.to(x0.device)
-        text = apply_text_dropout(batch.text, self.data.empty_text, obj.text_dropout if text_dropout else 0.0, gen)
         x_t = noisy_latents(x0, noise, sigma.to(x0.device), clean)
         pt, ph, pw = self.dit_config.patch_size
         grid = (x0.shape[2] // pt, x0.shape[3] // ph, x0.shape[4] // pw)
         t = token_timesteps(sigma, clean, grid).to(x0.device)
-        v = self.ddp(x_t, t, text, states=batch.states)
+        v = self.ddp(x_t, t, text.to(x0.device), states=batch.states)
         return flow_matching_loss(v, x0, noise, clean)
 
     def train_step(self, micro_batches: list[Batch]) -> dict:
@@ -172,7 +182,7 @@ class Trainer:
         for i, batch in enumerate(micro_batches):
             sync = contextlib.nullcontext() if i == n - 1 else self.ddp.no_sync()
             with sync:
-                loss = self.loss(batch, self._generator(self.step, i))
+                loss = self.loss(batch, *self.draws(batch, self.step, i))
                 # CP ranks each hold a partial gradient (their tokens); DDP averages over DP x CP.
                 (loss * self.groups.cp / n).backward()
             total += loss.detach() / n
@@ -221,11 +231,11 @@ class Trainer:
         for k, (item, batch) in enumerate(self._val_cache):
             if k % self.groups.dp != self.groups.dp_rank:
                 continue
+            clean = torch.full((batch.size,), self.cfg.objective.clean_frames, dtype=torch.int64)
             for j, s in enumerate(vcfg.sigmas):
                 gen = torch.Generator().manual_seed(_derive_seed(vcfg.seed, item, j))
                 noise = torch.randn(batch.latents.shape, generator=gen)
-                sums[j] += self.loss(batch, gen, sigma=torch.full((batch.size,), float(s)), noise=noise,
-                                     text_dropout=False)
+                sums[j] += self.loss(batch, torch.full((batch.size,), float(s)), clean, noise, batch.text)
             count += 1
         counts = torch.tensor([float(count)], device=sums.device)
         dist.all_reduce(sums, group=self.groups.dp_group)
@@ -309,10 +319,13 @@ class Trainer:
         batches = self.data.batches()
         preempted = False
         last: dict = {}
+        first_step = self.step
         try:
             while self.step < cfg.run.steps:
                 if self._agree_to_stop():
                     preempted = True
+                    break
+                if cfg.run.exit_after_steps and self.step - first_step >= cfg.run.exit_after_steps:
                     break
                 t0 = time.perf_counter()
                 micro = [next(batches) for _ in range(cfg.optim.grad_accumulation)]
@@ -326,7 +339,7 @@ class Trainer:
                     log.log(self.step, self.validate(), kind="validation")
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.run.steps:
                     self.save()
-            path = self.save() if (preempted or self.step >= cfg.run.steps) else None
+            path = self.save()
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
