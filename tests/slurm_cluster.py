@@ -49,9 +49,10 @@ def _free_port() -> int:
 class LocalSlurm:
     """``with LocalSlurm(tmp, cpus=4) as slurm: slurm.sbatch([...])``."""
 
-    def __init__(self, root: Path, cpus: int = 4):
+    def __init__(self, root: Path, cpus: int = 4, first_job_id: int = 1):
         self.root = Path(root)
         self.cpus = cpus
+        self.first_job_id = first_job_id  # job logs are named by job id: distinct ids keep runs apart
         self.host = socket.gethostname()
         self.procs: dict[str, subprocess.Popen] = {}
         self.conf = self.root / "slurm.conf"
@@ -80,7 +81,7 @@ class LocalSlurm:
 
     def stop(self, timeout_s: float = 30.0) -> None:
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
-            subprocess.run([_binary("scancel"), "--full", "--signal=KILL", f"--partition=debug"], env=self.env,
+            subprocess.run([_binary("scancel"), "--full", "--signal=KILL", "--partition=debug"], env=self.env,
                            capture_output=True, timeout=30)
             subprocess.run([_binary("scancel"), "--partition=debug"], env=self.env, capture_output=True, timeout=30)
             try:
@@ -211,6 +212,7 @@ SelectTypeParameters=CR_CPU
 SlurmdParameters=config_overrides
 ReturnToService=2
 KillWait=10
+FirstJobId={self.first_job_id}
 MinJobAge=600
 NodeName={self.host} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=2000 State=UNKNOWN
 PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP

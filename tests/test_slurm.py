@@ -1,0 +1,148 @@
+"""launch/slurm/*.sbatch on a real single-node SLURM (slurmctld + slurmd + munged on localhost, CPU tasks, gloo).
+
+The training job is preempted by hand the way ``--signal=B:USR1@300`` does before the time limit
+(SIGUSR1 to the batch shell), checkpoints, requeues itself, and resumes: its losses step for step equal
+an uninterrupted run of the same config started with launch/train.sh (torchrun, no SLURM).
+Skipped where Debian's slurm-wlm / munge are not installed (``.ci/run`` installs them) or not root.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megawan.tools.make_sample_data import make_sample_data
+from tests.slurm_cluster import LocalSlurm, unavailable_reason
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 16
+LOSS_RTOL = 1e-6  # same ranks, layout and arithmetic: a resumed run repeats the straight one's losses
+
+pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    # distinct job ids per run: the job logs (logs/megawan-train-JOBID.out) never meet an old one
+    with LocalSlurm(tmp_path_factory.mktemp("slurm"), cpus=4, first_job_id=random.randint(10_000, 900_000)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = make_sample_data(tmp_path_factory.mktemp("data"), train_shards=1, val_shards=0, frames_per_shard=64,
+                            size=64, gop=8)
+    return root / "train_v2.0_raw"
+
+
+def train_args(data_root, out_dir) -> list[str]:
+    return ["--config", "tiny_1x", "--parallel.tp", "2", "--parallel.cp", "1", "--data.root", str(data_root),
+            "--run.out_dir", str(out_dir), "--run.steps", str(STEPS), "--checkpoint.every", "0",
+            "--validation.every", "0", "--logging.every", "1", "--logging.progress_bar", "false"]
+
+
+def submit(slurm, script: str, sbatch_args: list[str], args: list[str], logs: list[Path]) -> tuple[int, Path]:
+    """Submit from the checkout's root as a user would; the job's log file is removed after the test."""
+    job = slurm.sbatch([*sbatch_args, f"launch/slurm/{script}", *args], cwd=REPO,
+                       env={"MEGAWAN_PYTHON": sys.executable})
+    log = REPO / "logs" / f"megawan-{script.split('.')[0]}-{job}.out"
+    logs.append(log)
+    return job, log
+
+
+@pytest.fixture
+def job_logs():
+    logs: list[Path] = []
+    yield logs
+    for log in logs:
+        log.unlink(missing_ok=True)
+
+
+def wait_for(predicate, timeout_s: float, what: str, slurm=None, job=None):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    info = slurm.job(job) if slurm is not None else {}
+    raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}; job: {info}")
+
+
+def steps_logged(out_dir: Path) -> list[dict]:
+    path = out_dir / "logs" / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r.get("kind") == "train"]
+
+
+def test_training_job_is_preempted_requeues_itself_and_resumes(slurm, data_root, tmp_path, job_logs):
+    out = tmp_path / "run"
+    job, log = submit(slurm, "train.sbatch", ["--ntasks=2"], train_args(data_root, out), job_logs)
+    slurm.wait_state(job, {"RUNNING"}, 120)
+    # preempt once the trainer is inside its loop: what --signal=B:USR1@300 does before the time limit
+    wait_for(lambda: len(steps_logged(out)) >= 2, 300, "two training steps", slurm, job)
+    signalled = slurm.run(["scancel", "--batch", "--signal=USR1", str(job)])
+    assert signalled.returncode == 0, signalled.stderr
+    # the job requeues itself; SLURM then holds it for a while (Reason=BeginTime): release it now
+    wait_for(lambda: slurm.job(job).get("Restarts") == "1" and slurm.job(job).get("JobState") == "PENDING", 300,
+             "the job to requeue itself", slurm, job)
+    assert slurm.run(["scontrol", "update", f"JobId={job}", "StartTime=now"]).returncode == 0
+    info = slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 400)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, text[-3000:])
+    assert info["Restarts"] == "1"
+
+    # first start: stopped by the signal at a step boundary with a checkpoint, then requeued
+    preempted = re.findall(r"^preempted: checkpoint (\S+) written at step (\d+)", text, re.M)
+    assert len(preempted) == 1, text[-3000:]
+    stop = int(preempted[0][1])
+    assert 2 <= stop < STEPS
+    assert Path(preempted[0][0]) == out / "checkpoints" / f"step_{stop:08d}"
+    assert f"requeueing job {job}" in text
+    # second start (same job id, same log appended): resumes from that checkpoint and finishes
+    assert re.search(rf"^megawan-slurm: job {job} \(megawan-train\) start .*restart 1,", text, re.M)
+    assert re.search(rf"resumed from \S+/step_{stop:08d}\b", text)
+    assert f"done: step {STEPS}," in text
+    assert "Warning" not in text  # the libraries' per-rank notices stay out of the job log
+    for step in (stop, STEPS):
+        assert (out / "checkpoints" / f"step_{step:08d}" / "megawan_checkpoint.json").is_file()
+    assert (out / "resolved_config.yaml").is_file() and any((out / "logs" / "tensorboard").iterdir())
+
+    # every step logged once, in order, and the losses are those of an uninterrupted run
+    resumed = steps_logged(out)
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
+    ref_out = tmp_path / "straight"
+    straight = subprocess.run(["bash", "launch/train.sh", "--nproc", "2", *train_args(data_root, ref_out)[:]],
+                              cwd=REPO, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "MEGAWAN_PYTHON": sys.executable})
+    assert straight.returncode == 0, straight.stdout[-2000:] + straight.stderr[-2000:]
+    reference = steps_logged(ref_out)
+    assert [r["step"] for r in reference] == list(range(1, STEPS + 1))
+    for a, b in zip(resumed, reference):
+        assert a["loss"] == pytest.approx(b["loss"], rel=LOSS_RTOL), (a["step"], a["loss"], b["loss"])
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=LOSS_RTOL), a["step"]
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("train.sbatch", ["--config", "no_such_config.yaml"], "'no_such_config.yaml' is neither a file nor a preset"),
+    ("train.sbatch", ["--config", "tiny_1x", "--optim.lrr", "1"], "unknown config key optim.lrr"),
+    ("train.sbatch", ["--config", "tiny_1x", "--parallel.tp", "2", "--parallel.cp", "2"],
+     "does not divide the 2 ranks"),
+    ("evaluate.sbatch", ["--data", "x", "--tp", "4"], "does not divide the 2 ranks"),
+])
+def test_a_job_with_bad_arguments_fails_before_any_rank_starts(slurm, script, args, message, tmp_path, job_logs):
+    job, log = submit(slurm, script, ["--ntasks=2"], [*args, "--run.out_dir", str(tmp_path / "run")]
+                      if script == "train.sbatch" else args, job_logs)
+    info = slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 120)
+    text = log.read_text()
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", (info, text)
+    assert message in text and f"usage: sbatch [sbatch options] launch/slurm/{script}" in text
+    assert "'srun'" not in text and not (tmp_path / "run").exists()  # no job step, no output
