@@ -34,11 +34,11 @@ def fail(message: str) -> None:
     raise SystemExit(2)
 
 
-def layout(world: int, tp: int, cp: int, where: str) -> str:
+def layout(world: int, tp: int, cp: int, names: str = "tp * cp") -> str:
     if tp < 1 or cp < 1:
-        fail(f"tp and cp must be >= 1 (got tp={tp}, cp={cp}{where})")
+        fail(f"{names} must be >= 1 each (got {tp}, {cp})")
     if world % (tp * cp):
-        fail(f"tp * cp = {tp} * {cp} = {tp * cp}{where} does not divide the {world} ranks "
+        fail(f"{names} = {tp} * {cp} = {tp * cp} does not divide the {world} ranks "
              f"(nodes x ranks per node); pick a layout whose product divides it")
     return f"tp={tp} cp={cp} dp={world // (tp * cp)}"
 
@@ -57,11 +57,11 @@ def main(argv: list[str]) -> str:
             cfg = load_config(argv[3], argv[4:])
         except ConfigError as e:
             fail(str(e))
-        return layout(world, cfg.parallel.tp, cfg.parallel.cp, " (parallel.tp, parallel.cp of the config)")
+        return layout(world, cfg.parallel.tp, cfg.parallel.cp, "parallel.tp * parallel.cp")
     module, tp, cp = argv[3], int(argv[4]), int(argv[5])
     if not module_exists(module):
         fail(f"python module {module} is not in this checkout")
-    return layout(world, tp, cp, "")
+    return layout(world, tp, cp)
 
 
 if __name__ == "__main__":

@@ -72,7 +72,8 @@ while [ $# -gt 0 ]; do
       if [[ $opt == *=* ]]; then PASS+=("$opt"); shift
       else [ $# -ge 2 ] || die "$opt needs a value"; PASS+=("$opt" "$2"); shift 2; fi
       continue ;;
-    *) die "unknown option '$opt'" ;;
+    *) if [ "$COMMAND" = train ]; then die "unknown option '$opt' (config overrides are --section.key VALUE)"
+       else die "unknown option '$opt' (module arguments go after --)"; fi ;;
   esac
   case $opt in
     --nproc|--gpus-per-node) positive "$opt" "$val"; NPROC=$val ;;

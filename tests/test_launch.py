@@ -78,8 +78,8 @@ def test_dry_run_prints_and_starts_nothing(launch):
 
 @pytest.mark.parametrize("script,args,message", [
     ("train.sh", ["--nproc", "4", "--bogus", "1"], "unknown option '--bogus'"),
-    ("train.sh", ["--nproc", "3", "--tp", "2", "--cp", "1"], "tp * cp = 2 * 1 = 2 does not divide the 3 ranks"),
-    ("train.sh", ["--nproc", "2"], "tp * cp = 2 * 2 = 4 (parallel.tp, parallel.cp of the config) does not divide"),
+    ("train.sh", ["--nproc", "3", "--tp", "2", "--cp", "1"], "parallel.tp * parallel.cp = 2 * 1 = 2 does not divide the 3 ranks"),
+    ("train.sh", ["--nproc", "2"], "parallel.tp * parallel.cp = 2 * 2 = 4 does not divide the 2 ranks"),
     ("train.sh", ["--nproc", "4", "--config", "no_such.yaml"], "'no_such.yaml' is neither a file nor a preset"),
     ("train.sh", ["--nproc", "4", "--optim.lrr", "1"], "unknown config key optim.lrr"),
     ("train.sh", ["--nproc", "0"], "--nproc needs a positive integer"),
