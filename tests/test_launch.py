@@ -1,4 +1,5 @@
-"""launch/run.sh and launch/train.sh: the resolved torchrun command, and bad arguments refused before anything runs.
+"""launch/run.sh and launch/train.sh: the resolved torchrun command, and bad arguments refused before anything runs;
+the memory arithmetic in the H100 run configs' headers.
 
 A stand-in ``torchrun`` first on PATH records its arguments instead of starting ranks, so these tests see
 exactly what would have been launched (or that nothing was). The real launch runs in tests/test_slurm.py.
@@ -6,13 +7,19 @@ exactly what would have been launched (or that nothing was). The real launch run
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from megawan.training import trainer
+from megawan.training.config import load_config, preset_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,3 +106,19 @@ def test_bad_arguments_give_usage_and_start_nothing(launch, script, args, messag
     assert out.returncode == 2, (out.stdout, out.stderr)
     assert message in out.stderr and "usage: bash launch/run.sh COMMAND" in out.stderr
     assert argv is None and out.stdout == ""
+
+
+@pytest.mark.parametrize("preset,world,size", [("ti2v5b_1x", 8, [512, 512]), ("ti2v5b_1x_4x8", 32, [512, 512]),
+                                               ("ti2v5b_720p", 8, [704, 1280])])
+def test_the_h100_configs_fit_80gb_as_their_headers_say(preset, world, size, monkeypatch, caplog):
+    """The memory arithmetic written in a run config's header is the trainer's own estimate for that layout."""
+    # the preset's model and clip shape, without the released files or the latent cache
+    cfg = load_config(preset, {"model": {"init": None, "dit": "wan2.2-ti2v-5b"},
+                               "data": {"source": "1x", "size": size}})
+    monkeypatch.setattr(trainer, "device_capacity_bytes", lambda device: 80e9)
+    with caplog.at_level(logging.INFO, logger=trainer.logger.name):
+        trainer.check_memory(cfg, trainer.model_config(cfg), world, torch.device("cpu"))  # raises if it does not fit
+    estimate = re.search(r"memory estimate per rank: ([\d.]+) GiB", caplog.text)
+    header = re.search(r"(?:^#\s+|\) )= ([\d.]+) GiB", preset_path(preset).read_text(), re.M)
+    assert estimate and header and estimate.group(1) == header.group(1), (caplog.text, header)
+    assert float(header.group(1)) < 80e9 / 2**30
