@@ -126,3 +126,28 @@ def test_a_dead_rank_fails_the_survivors_instead_of_hanging(tmp_path):
         run_distributed(_lose_a_rank, 2, tmp_path / "rank0.json", timeout_s=120, grace_s=60)
     report = json.loads((tmp_path / "rank0.json").read_text())
     assert report["outcome"] != "completed" and report["seconds"] < 60, report
+
+
+def _sp_gather_with_cuda_present():
+    """A gloo rank on a machine that reports CUDA: megatron's SP gather must still run on CPU."""
+    torch.cuda.is_available = lambda: True  # what a GPU node reports; this torch may have no CUDA at all
+    from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    import torch.distributed as dist
+
+    groups = parallel_state.initialize(tp=2, num_heads=None, backend="gloo")
+    x = torch.full((2, 3), float(dist.get_rank()))
+    gathered = gather_from_sequence_parallel_region(x, group=groups.tp_group)
+    with get_cuda_rng_tracker().fork():  # megatron's model-parallel RNG: the CPU stand-in
+        torch.rand(1)
+    return str(groups.device), gathered
+
+
+def test_gloo_ranks_on_a_gpu_machine_get_the_cpu_stand_ins():
+    """MEGAWAN_BACKEND=gloo (the test harness's default) keeps ranks on CPU where CUDA exists; megatron's
+    gathers allocate on torch.cuda.current_device() and must get CPU there, not cuda:0."""
+    for device, gathered in run_distributed(_sp_gather_with_cuda_present, 2):
+        assert device == "cpu"
+        assert gathered.device.type == "cpu"
+        assert torch.equal(gathered, torch.cat([torch.zeros(2, 3), torch.ones(2, 3)]))

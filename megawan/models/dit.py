@@ -73,7 +73,9 @@ class WanDiT(nn.Module):
         rt = runtime or DiTRuntime()
         groups.layout.validate(config.num_heads)
         check_backend(rt.attention_backend)
-        linear_impl = resolve_linear_impl(rt.linear_impl)
+        # "auto" means TE only where this model's ranks compute on a GPU (gloo ranks on a GPU machine do not).
+        linear_impl = resolve_linear_impl("local" if rt.linear_impl == "auto" and groups.device.type != "cuda"
+                                          else rt.linear_impl)
         self.config, self.groups, self.runtime = config, groups, rt
         self.sequence_parallel = rt.sequence_parallel and groups.tp > 1
         mp_config = ModelParallelConfig(
@@ -127,6 +129,11 @@ class WanDiT(nn.Module):
                              f"got {tuple(timestep.shape)}")
         if text.ndim != 3 or text.shape[0] != b or text.shape[2] != cfg.text_dim or text.shape[1] > cfg.text_len:
             raise ValueError(f"text must be [B={b}, <= {cfg.text_len}, {cfg.text_dim}], got {tuple(text.shape)}")
+        device = self.patch_embedding.weight.device
+        for name, t in (("latents", latents), ("timestep", timestep), ("text", text)):
+            if t.device != device:
+                raise ValueError(f"{name} is on {t.device} but the model is on {device}: move the inputs "
+                                 f"to the model's device (model.groups.device) before calling it")
         return tuple(grid)
 
     def _shards(self, num_tokens: int) -> TokenShards:

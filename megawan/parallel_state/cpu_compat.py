@@ -7,8 +7,10 @@ megatron-core assumes a GPU in three places that megawan reaches:
 * the CUDA RNG tracker (``model_parallel_cuda_manual_seed`` / ``get_cuda_rng_tracker().fork()``);
 * ``torch.cuda.current_stream()`` -- used by megatron's DDP to order gradient reductions.
 
-``apply()`` installs CPU stand-ins for these. It is called by ``megawan.parallel_state.initialize``
-only when the ranks run on CPU and is idempotent; on a GPU machine nothing here is touched.
+``apply()`` installs CPU stand-ins for these. ``megawan.parallel_state.initialize`` calls it whenever
+the ranks run on CPU, including gloo ranks on a machine that has GPUs (``MEGAWAN_BACKEND=gloo``, the
+test harness's default): there megatron would otherwise allocate its gathers on ``cuda:0``. It is
+idempotent; a process whose ranks use CUDA never calls it.
 """
 
 from __future__ import annotations
@@ -80,9 +82,9 @@ class CpuRNGStatesTracker:
 
 
 def apply() -> None:
-    """Install the CPU stand-ins (only when CUDA is unavailable)."""
+    """Install the CPU stand-ins; call only in a process whose ranks compute on CPU."""
     global _APPLIED
-    if _APPLIED or torch.cuda.is_available():
+    if _APPLIED:
         return
     from megatron.core.tensor_parallel import random as mcore_random
 
