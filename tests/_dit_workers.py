@@ -23,7 +23,7 @@ def _grad_full(p, groups):
         stride, dim = p.partition_stride, p.partition_dim
         pieces = [r.chunk(stride, dim=dim) for r in ranks]
         g = torch.cat([torch.cat([pc[i] for pc in pieces], dim=dim) for i in range(stride)], dim=dim)
-    return g.cpu()
+    return g.detach().cpu().clone()
 
 
 def _residual_dtypes(model) -> set:
@@ -70,13 +70,14 @@ def backward_layouts(ckpt_dir, case, weight, layouts):
             sequence_parallel=sp, linear_impl="local", activation_checkpointing=checkpointing))
         model.train()
         dev = groups.device
-        x, t, text = (v.to(dev) for v in case)
+        # A fresh leaf per layout: on CPU .to() returns the caller's tensor, whose grad would accumulate.
+        x, t, text = (v.detach().clone().to(dev) for v in case)
         x.requires_grad_(True)
         out = model(x, t, text)
         (out * weight.to(dev)).sum().backward()
         reduce_model_parallel_grads(model, groups)
         grads = {n: _grad_full(p, groups) for n, p in model.named_parameters()}
-        results[(tp, cp, sp, checkpointing)] = (out.detach().cpu(), x.grad.cpu(), grads)
+        results[(tp, cp, sp, checkpointing)] = (out.detach().cpu().clone(), x.grad.cpu().clone(), grads)
         del model
     return results
 

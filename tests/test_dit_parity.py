@@ -70,7 +70,7 @@ def test_parallel_layouts_match_diffusers_on_every_rank(checkpoint):
 def _diffusers_grads(ref, case, weight):
     """Output, latent grad and parameter grads of diffusers' model, named and fused as megawan's."""
     ref.zero_grad(set_to_none=True)
-    x = case[0].clone().requires_grad_(True)
+    x = case[0].detach().clone().requires_grad_(True)
     out = ref(hidden_states=x, timestep=case[1], encoder_hidden_states=case[2], return_dict=False)[0]
     (out * weight).sum().backward()
     params = dict(ref.named_parameters())
@@ -94,7 +94,7 @@ def test_backward_matches_single_process_and_diffusers(checkpoint):
 
     single = WanDiT.from_pretrained(path, runtime=DiTRuntime(linear_impl="local"))
     dev = single.patch_embedding.weight.device  # the GPU on a GPU machine; diffusers stays on CPU
-    x = case[0].to(dev).requires_grad_(True)
+    x = case[0].detach().clone().to(dev).requires_grad_(True)  # a fresh leaf: the fixture's stays as it is
     one_out = single(x, case[1].to(dev), case[2].to(dev))
     (one_out * weight.to(dev)).sum().backward()
     one_out, x_grad = one_out.detach().cpu(), x.grad.cpu()

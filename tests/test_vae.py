@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+
+import diffusers  # a test dependency (setup.py [test]): a missing one must fail, not skip
 import pytest
 import torch
 
@@ -17,12 +20,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """A random tiny diffusers VAE in the Wan 2.2 configuration, and ours loaded from its folder."""
-    diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
     ref = diffusers.AutoencoderKLWan(
         base_dim=8, decoder_base_dim=16, z_dim=48, is_residual=True, in_channels=12, out_channels=12,
         patch_size=2, scale_factor_spatial=16, temperal_downsample=[False, True, True],
         latents_mean=list(LATENTS_MEAN), latents_std=list(LATENTS_STD)).eval()
+    with torch.no_grad():  # diffusers initialises RMS-norm gammas to 1 and biases to 0: perturb every
+        for p in ref.parameters():  # parameter, so a mis-mapped gamma or bias changes the output
+            p.mul_(1 + 0.1 * torch.randn_like(p)).add_(0.01 * torch.randn_like(p))  # relative: no saturation
+        gammas = [n for n, p in ref.named_parameters() if n.endswith("gamma")]
+        assert len(gammas) == 52 and all((ref.get_parameter(n) != 1).all() for n in gammas)
     folder = tmp_path_factory.mktemp("vae_diffusers")
     ref.save_pretrained(folder)
     return ref, WanVAE38.from_pretrained(folder), folder
@@ -138,3 +145,24 @@ def test_bad_checkpoints_name_the_key(reference, tmp_path):
         WanVAE38.from_pretrained(tmp_path / "shape.pth")
     with pytest.raises(FileNotFoundError):
         WanVAE38.from_pretrained(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"is_residual": False}, "is_residual=False; VAE38 needs True"),  # the Wan 2.1 VAE
+    ({"patch_size": None}, "patch_size=None; VAE38 needs 2"),
+    ({"in_channels": 3, "out_channels": 3}, "in_channels=3; VAE38 needs 12"),
+    ({"attn_scales": [1.0]}, "attn_scales is not VAE38"),
+    ({"temperal_downsample": [True, True, False]}, "temporal_downsample (False, True, True)"),
+    ({"z_dim": 16}, "z_dim=16"),
+])
+def test_non_vae38_configs_are_refused(reference, tmp_path, change, message):
+    import json
+    import shutil
+
+    _, _, folder = reference
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(config | change))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        WanVAE38.from_pretrained(bad)

@@ -12,7 +12,7 @@ import torch
 
 from megawan.models.vae import WanVAE38, WanVAE38Config
 from megawan.testing import run_distributed
-from tests._vae_workers import run_sharded_cases
+from tests._vae_workers import run_sharded_cases, thin_tile_halo
 
 TOL = 1e-5
 PX = 16
@@ -30,10 +30,23 @@ CASES = [
          video="32x64_t9", band_input=True, gather_output=False),
     dict(name="n3_rows_uneven", ranks=[0, 1, 2], grid=(3, 1), row_bounds=(0, 2, 4, 5), col_bounds=(0, 2),
          video="80x32_t9", band_input=True, gather_output=False),
-    dict(name="n4_too_few_rows", ranks=[0, 1, 2, 3], grid=(4, 1), video="48x32_t17", expect_error=True),
+    dict(name="n2_rows_two_frames_per_step", ranks=[0, 1], grid=(2, 1), row_bounds=(0, 2, 3), col_bounds=(0, 2),
+         video="48x32_t17", band_input=True, gather_output=False, frames_per_step=2),
+    # documented error paths: every rank of the group must raise the same clear error (nobody hangs)
+    dict(name="n4_too_few_rows", ranks=[0, 1, 2, 3], grid=(4, 1), video="48x32_t17", expect_error=True,
+         message="cannot split 3 latent rows"),
+    dict(name="ranks_disagree_on_frames", ranks=[0, 1], grid=(2, 1), per_rank=["32x32_t9", "32x32_t5"],
+         band_input=True, expect_error=True, message="ranks of the VAE group disagree on batch/channels/frames"),
+    dict(name="unequal_full_inputs", ranks=[2, 3], grid=(2, 1), per_rank=["64x32_t9", "48x32_t9"],
+         band_input=False, expect_error=True, message="band_input=False expects the same full input on every rank"),
+    dict(name="tiles_not_a_grid", ranks=[0, 1, 2, 3], grid=(2, 2), op="decode", band_input=True,
+         per_rank=["lat_2x2", "lat_1x2", "lat_1x2", "lat_1x2"], expect_error=True,
+         message="tiles do not form a grid: rank 1 at tile (0, 1) is 1 x 2 latent"),
 ]
 VIDEOS = {"64x32_t9": (1, 9, 64, 32), "48x48_t9_b2": (2, 9, 48, 48), "48x32_t17": (1, 17, 48, 32),
-          "32x64_t9": (1, 9, 32, 64), "80x32_t9": (1, 9, 80, 32)}
+          "32x64_t9": (1, 9, 32, 64), "80x32_t9": (1, 9, 80, 32), "32x32_t9": (1, 9, 32, 32),
+          "32x32_t5": (1, 5, 32, 32), "48x32_t9": (1, 9, 48, 32)}
+ERROR_INPUTS = {"lat_2x2": (1, 48, 2, 2, 2), "lat_1x2": (1, 48, 2, 1, 2)}
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -50,7 +63,8 @@ def sharded_run():
         latents = model.encode(video)
         data[key], data[key + "/latents"] = video, latents
         reference[key] = (latents, model.decode(latents))
-    cases = [dict(c, latents=c["video"] + "/latents") for c in CASES]
+    data.update({k: torch.randn(shape) for k, shape in ERROR_INPUTS.items()})
+    cases = [dict(c, latents=c["video"] + "/latents") if "video" in c else c for c in CASES]
     per_rank = run_distributed(run_sharded_cases, 4, model.state_dict(), cases, data, timeout_s=300)
     return per_rank, reference
 
@@ -71,12 +85,35 @@ def test_sharded_equals_unsharded(sharded_run, case):
         assert got["decode"].shape == vid_want.shape, (rank, got["decode"].shape, vid_want.shape)
         assert rel_err(got["encode"], lat_want) <= TOL, (rank, rel_err(got["encode"], lat_want))
         assert rel_err(got["decode"], vid_want) <= TOL, (rank, rel_err(got["decode"], vid_want))
-        assert got["halo_bytes"] > 0 and got["gather_bytes"] > 0
+        for phase in ("encode", "decode"):
+            assert got[f"{phase}_stats"].halo_bytes > 0 and got[f"{phase}_stats"].gather_bytes > 0, (rank, phase)
+        if case["grid"][1] == 1 and not case["gather_output"]:  # row bands: the analytic decode figures
+            halo, gather = _analytic_decode_bytes(case, rank, reference[case["video"]][0].shape)
+            assert got["decode_stats"].halo_bytes == halo, (rank, got["decode_stats"].halo_bytes, halo)
+            assert got["decode_stats"].gather_bytes == gather, (rank, got["decode_stats"].gather_bytes, gather)
         print(f"{case['name']} rank {rank}: encode rel err {rel_err(got['encode'], lat_want):.2e}, "
               f"decode rel err {rel_err(got['decode'], vid_want):.2e}")
 
 
-def test_impossible_split_is_refused_on_every_rank(sharded_run):
+def _analytic_decode_bytes(case, rank, latent_shape) -> tuple[int, int]:
+    """Halo bytes this rank sends and K/V bytes it receives in a row-band decode, from the architecture
+    (bench/bench_vae_memory.py's formula, written for a rank with two neighbours, or one when N = 2)."""
+    from bench.bench_vae_memory import analytic_comm_bytes
+
+    n = len(case["ranks"])
+    halo, gather = analytic_comm_bytes(WanVAE38Config.tiny(), tuple(latent_shape), n)
+    neighbours = 2 if 0 < case["ranks"].index(rank) < n - 1 else 1
+    return halo // (2 if n > 2 else 1) * neighbours, gather
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.get("expect_error")], ids=lambda c: c["name"])
+def test_bad_sharded_inputs_are_refused_on_every_rank(sharded_run, case):
     per_rank, _ = sharded_run
-    for rank in range(4):
-        assert "cannot split 3 latent rows" in per_rank[rank]["n4_too_few_rows"]["error"]
+    for rank in case["ranks"]:
+        error = per_rank[rank][case["name"]]["error"]
+        assert error is not None and case["message"] in error, (rank, error)
+
+
+def test_tile_thinner_than_its_halo_is_refused():
+    for message in run_distributed(thin_tile_halo, 2):
+        assert "thinner than its halo" in message, message
