@@ -90,17 +90,39 @@ def _run_cli(argv):
     precompute_main(argv)
 
 
-def test_two_ranks_shard_the_vae_and_match_one_process(assets, tmp_path):
+def _cli_args(root):
+    return ["--source", "1x", "--data", str(root / "data" / "train_v2.0_raw"), "--vae", str(root / "vae"),
+            "--text-encoder", str(root / "umt5"), "--clip-frames", "5", "--window-hop", "8",
+            "--samples-per-shard", "3", "--max-samples", "7"]
+
+
+def test_two_vae_groups_of_two_ranks_match_one_process(assets, tmp_path):
+    """4 ranks, --vae-shards 2: two encode groups, each sharding the VAE over 2 ranks; 7 samples in 3 cache
+    shards, so group 0 writes shards 0 and 2 and group 1 shard 1. Every sample must equal one process's."""
     root, vae, text = assets
-    common = ["--source", "1x", "--data", str(root / "data" / "train_v2.0_raw"), "--vae", str(root / "vae"),
-              "--text-encoder", str(root / "umt5"), "--clip-frames", "5", "--window-hop", "8",
-              "--samples-per-shard", "3", "--max-samples", "7", "--dtype", "float32"]
-    run_distributed(_run_cli, 2, common + ["--out", str(tmp_path / "sharded"), "--vae-shards", "2"],
-                    timeout_s=300)
+    argv = _cli_args(root) + ["--dtype", "float32", "--out", str(tmp_path / "sharded"), "--vae-shards", "2"]
+    run_distributed(_run_cli, 4, argv, timeout_s=300)
     precompute(world_model_source(root), tmp_path / "single", vae=vae, text_encoder=text, samples_per_shard=3,
                max_samples=7, progress=False)
     sharded, single = LatentCacheDataset(tmp_path / "sharded"), LatentCacheDataset(tmp_path / "single")
+    index = json.loads((tmp_path / "sharded" / "index.json").read_text())
+    assert len(index["shards"]) == 3
     assert len(sharded) == len(single) == 7
     for i in range(7):
-        assert torch.allclose(sharded[i]["latents"], single[i]["latents"], atol=1e-5, rtol=1e-5)
+        assert torch.allclose(sharded[i]["latents"], single[i]["latents"], atol=1e-5, rtol=1e-5), i
         assert sharded[i]["first_frame"] == single[i]["first_frame"]
+
+
+def test_cli_defaults_to_bf16(assets, tmp_path):
+    """Without --dtype the CLI encodes and stores in bf16, within bf16 rounding of the fp32 encode."""
+    root, vae, text = assets
+    precompute_main(_cli_args(root) + ["--out", str(tmp_path / "bf16")])
+    cache = LatentCacheDataset(tmp_path / "bf16")
+    assert json.loads((tmp_path / "bf16" / "cache_config.json").read_text())["dtype"] == "bfloat16"
+    source = world_model_source(root)
+    for i in (0, 6):
+        got = cache[i]["latents"]
+        assert got.dtype == torch.bfloat16
+        want = vae.encode(source[i]["video"][None])[0]
+        err = ((got.float() - want).norm() / want.norm()).item()
+        assert err <= 2e-2, (i, err)  # bf16 weights and activations through the tiny VAE; fp32 would be ~1e-7

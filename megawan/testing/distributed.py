@@ -51,6 +51,7 @@ def _worker(rank, world_size, port, backend, fn, args, kwargs, results):
         MEGAWAN_BACKEND=backend,  # gloo keeps ranks on CPU even where some GPUs exist
     )
     torch.set_num_threads(1)
+    torch.backends.cudnn.allow_tf32 = False  # NCCL ranks: fp32 convs exact, as the 1e-5 tolerances assume
     try:
         result = fn(*args, **kwargs)
         # Serialise to bytes: tensors sent through a Queue use shared memory that dies with this rank.
