@@ -46,6 +46,7 @@ CASES = [
 VIDEOS = {"64x32_t9": (1, 9, 64, 32), "48x48_t9_b2": (2, 9, 48, 48), "48x32_t17": (1, 17, 48, 32),
           "32x64_t9": (1, 9, 32, 64), "80x32_t9": (1, 9, 80, 32), "32x32_t9": (1, 9, 32, 32),
           "32x32_t5": (1, 5, 32, 32), "48x32_t9": (1, 9, 48, 32)}
+VIDEOS_SHAPE = {k: (b, 3, t, h, w) for k, (b, t, h, w) in VIDEOS.items()}
 ERROR_INPUTS = {"lat_2x2": (1, 48, 2, 2, 2), "lat_1x2": (1, 48, 2, 1, 2)}
 
 
@@ -89,6 +90,9 @@ def test_sharded_equals_unsharded(sharded_run, case):
             assert got[f"{phase}_stats"].halo_bytes > 0 and got[f"{phase}_stats"].gather_bytes > 0, (rank, phase)
         # row bands, one latent frame per step: the analytic decode figures (the formula's assumptions)
         if case["grid"][1] == 1 and not case["gather_output"] and case.get("frames_per_step", 1) == 1:
+            halo, gather = _analytic_encode_bytes(case, rank, VIDEOS_SHAPE[case["video"]])
+            assert got["encode_stats"].halo_bytes == halo, (rank, got["encode_stats"].halo_bytes, halo)
+            assert got["encode_stats"].gather_bytes == gather, (rank, got["encode_stats"].gather_bytes, gather)
             halo, gather = _analytic_decode_bytes(case, rank, reference[case["video"]][0].shape)
             assert got["decode_stats"].halo_bytes == halo, (rank, got["decode_stats"].halo_bytes, halo)
             assert got["decode_stats"].gather_bytes == gather, (rank, got["decode_stats"].gather_bytes, gather)
@@ -105,6 +109,42 @@ def _analytic_decode_bytes(case, rank, latent_shape) -> tuple[int, int]:
     halo, gather = analytic_comm_bytes(WanVAE38Config.tiny(), tuple(latent_shape), n)
     neighbours = 2 if 0 < case["ranks"].index(rank) < n - 1 else 1
     return halo // (2 if n > 2 else 1) * neighbours, gather
+
+
+def _analytic_encode_bytes(case, rank, video_shape) -> tuple[int, int]:
+    """Halo bytes this rank sends and K/V bytes it receives in a row-band encode, from the architecture.
+
+    Chunks: frame 0 alone, then 4 frames. Every 3x3x3 conv exchanges 1 row of its input with each neighbour,
+    the chunk plus 2 causal frames (zeros or cache); a spatial downsample pads bottom/right only, so a rank
+    sends 1 row (chunk frames) to the rank above and none below; the 3-D downsamples halve the frames of
+    chunks after the first (4 -> 2 -> 1). The mid attention receives K and V (2 x channels) of every other
+    tile, padded to the tallest tile, per frame. Widths: patchified rows are 8 per latent row.
+    """
+    cfg = WanVAE38Config.tiny()
+    b, _, t, h, w = video_shape
+    n = len(case["ranks"])
+    i = case["ranks"].index(rank)
+    above, below = i > 0, i < n - 1
+    dims = [cfg.base_dim * m for m in (1, *cfg.dim_mult)]
+    halo = 0
+    for chunk in [1] + [4] * ((t - 1) // 4):
+        frames, width = chunk, w // 2  # after the 2x2 patchify
+
+        def conv3(channels):
+            return (above + below) * b * channels * (frames + 2) * width * 4
+
+        halo += conv3(cfg.image_channels * 4)  # conv_in
+        for s in range(len(cfg.dim_mult)):
+            halo += conv3(dims[s]) + (2 * cfg.num_res_blocks - 1) * conv3(dims[s + 1])  # resnets
+            if s != len(cfg.dim_mult) - 1:
+                halo += above * b * dims[s + 1] * frames * width * 4  # downsample: first row to the rank above
+                width //= 2
+                if cfg.temporal_downsample[s] and chunk > 1:
+                    frames //= 2
+        halo += 4 * conv3(dims[-1]) + conv3(dims[-1])  # mid: 2 resnets x 2 convs; conv_out
+    rows = max(r1 - r0 for r0, r1 in zip(case["row_bounds"], case["row_bounds"][1:]))
+    gather = ((t - 1) // 4 + 1) * b * (n - 1) * rows * (w // 16) * 2 * dims[-1] * 4
+    return halo, gather
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.get("expect_error")], ids=lambda c: c["name"])
