@@ -27,17 +27,23 @@ def _grad_full(p, groups):
 
 
 def _residual_dtypes(model) -> set:
-    """Record the dtype of the residual stream entering every block and the head."""
+    """Record, for the residual stream entering every block and the head, its dtype and whether it holds
+    bf16 precision only (every element exactly representable in bf16: rounded, whatever its dtype)."""
     seen = set()
+
+    def record(_module, args):
+        x = args[0]
+        seen.add((x.dtype, bool((x.to(torch.bfloat16).to(x.dtype) == x).all())))
+
     for module in [*model.blocks, model.head]:
-        module.register_forward_pre_hook(lambda _m, args: seen.add(args[0].dtype))
+        module.register_forward_pre_hook(record)
     return seen
 
 
 def forward_layouts(ckpt_dir, cases, layouts, dtype=torch.float32):
     """Run every input case under every (tp, cp, sequence_parallel) layout.
 
-    Returns {(tp, cp, sp, case): output} plus {"residual_dtypes": the dtypes that entered a block}.
+    Returns {(tp, cp, sp, case): output} plus {"residual_dtypes": {(dtype, bf16-exact)} entering a block}.
     """
     results = {}
     dtypes = set()

@@ -18,9 +18,9 @@ from tests.dit_fixtures import make_case, make_diffusers_reference, model_output
 
 FP32_TOL = 1e-5
 # bf16 GEMMs (fp32 residual, norms, modulation) vs the fp32 reference at TP2 x CP2, tiny width: measured
-# 2.0e-3; rounding the residual stream to bf16 at every block gives 3.3e-3. The fp32 residual itself is
-# enforced by the dtype check in test_bf16_tp2_cp2_within_bound; the bound leaves 1.5x headroom over
-# the measurement for other CPUs and kernels while still refusing a bf16 residual stream.
+# 2.0e-3. A residual stream in bf16 measures 2.9e-3 (rounded at every block end) to 3.3e-3: too close to
+# separate by error alone on every CPU / GPU, so test_bf16_tp2_cp2_within_bound also checks the stream
+# entering every block and the head directly (fp32, and not bf16-rounded). The bound keeps 1.5x headroom.
 BF16_TOL = 3e-3
 WORLD = 4
 
@@ -125,9 +125,9 @@ def test_bf16_tp2_cp2_within_bound(checkpoint):
     sub = {"ti2v_padded": cases["ti2v_padded"]}
     per_rank = run_distributed(workers.forward_layouts, WORLD, path, sub, [(2, 2, True)], torch.bfloat16)
     for rank, results in enumerate(per_rank):
-        # The release keeps the residual stream in fp32 around bf16 GEMMs: every block and the head
-        # must receive fp32, whatever the GEMM dtype.
-        assert results["residual_dtypes"] == {torch.float32}, (rank, results["residual_dtypes"])
+        # The release keeps the residual stream in fp32 around bf16 GEMMs: every block and the head must
+        # receive fp32 values that are not all bf16-representable (a stream rounded to bf16 would be).
+        assert results["residual_dtypes"] == {(torch.float32, False)}, (rank, results["residual_dtypes"])
         err = rel_err(results[(2, 2, True, "ti2v_padded")], refs["ti2v_padded"])
         print(f"rank {rank}: bf16 TP2 x CP2 rel err {err:.2e}")
         assert err <= BF16_TOL, (rank, err)

@@ -144,9 +144,10 @@ def _sp_gather_with_cuda_present():
     return str(groups.device), gathered
 
 
-def test_gloo_ranks_on_a_gpu_machine_get_the_cpu_stand_ins():
+def test_gloo_ranks_on_a_gpu_machine_get_the_cpu_stand_ins(monkeypatch):
     """MEGAWAN_BACKEND=gloo (the test harness's default) keeps ranks on CPU where CUDA exists; megatron's
     gathers allocate on torch.cuda.current_device() and must get CPU there, not cuda:0."""
+    monkeypatch.setenv("MEGAWAN_TEST_BACKEND", "gloo")  # this checks gloo ranks, also in an NCCL test run
     for device, gathered in run_distributed(_sp_gather_with_cuda_present, 2):
         assert device == "cpu"
         assert gathered.device.type == "cpu"
