@@ -88,8 +88,7 @@ def test_sharded_equals_unsharded(sharded_run, case):
         assert rel_err(got["decode"], vid_want) <= TOL, (rank, rel_err(got["decode"], vid_want))
         for phase in ("encode", "decode"):
             assert got[f"{phase}_stats"].halo_bytes > 0 and got[f"{phase}_stats"].gather_bytes > 0, (rank, phase)
-        # row bands, one latent frame per step: the analytic decode figures (the formula's assumptions)
-        if case["grid"][1] == 1 and not case["gather_output"] and case.get("frames_per_step", 1) == 1:
+        if 1 in case["grid"]:  # row or column bands: every rank's bytes equal the analytic figures
             halo, gather = _analytic_encode_bytes(case, rank, VIDEOS_SHAPE[case["video"]])
             assert got["encode_stats"].halo_bytes == halo, (rank, got["encode_stats"].halo_bytes, halo)
             assert got["encode_stats"].gather_bytes == gather, (rank, got["encode_stats"].gather_bytes, gather)
@@ -100,50 +99,86 @@ def test_sharded_equals_unsharded(sharded_run, case):
               f"decode rel err {rel_err(got['decode'], vid_want):.2e}")
 
 
-def _analytic_decode_bytes(case, rank, latent_shape) -> tuple[int, int]:
-    """Halo bytes this rank sends and K/V bytes it receives in a row-band decode, from the architecture
-    (bench/bench_vae_memory.py's formula, written for a rank with two neighbours, or one when N = 2)."""
-    from bench.bench_vae_memory import analytic_comm_bytes
-
+def _band(case, rank, h_lat, w_lat):
+    """Band geometry of a 1-D split (row or column bands), in latent units: (ranks, my index, latent extent
+    along the cut, tallest band across it, whether the band has a neighbour before / after, column bands)."""
     n = len(case["ranks"])
-    halo, gather = analytic_comm_bytes(WanVAE38Config.tiny(), tuple(latent_shape), n)
-    neighbours = 2 if 0 < case["ranks"].index(rank) < n - 1 else 1
-    return halo // (2 if n > 2 else 1) * neighbours, gather
+    i = case["ranks"].index(rank)
+    rows = case["grid"][1] == 1
+    bounds = case["row_bounds"] if rows else case["col_bounds"]
+    longest = max(b1 - b0 for b0, b1 in zip(bounds, bounds[1:]))
+    return n, (w_lat if rows else h_lat), longest, i > 0, i < n - 1, not rows
 
 
 def _analytic_encode_bytes(case, rank, video_shape) -> tuple[int, int]:
-    """Halo bytes this rank sends and K/V bytes it receives in a row-band encode, from the architecture.
+    """Halo bytes this rank sends and bytes it receives through gathers in a 1-D band encode, from the
+    architecture (not the code path).
 
-    Chunks: frame 0 alone, then 4 frames. Every 3x3x3 conv exchanges 1 row of its input with each neighbour,
-    the chunk plus 2 causal frames (zeros or cache); a spatial downsample pads bottom/right only, so a rank
-    sends 1 row (chunk frames) to the rank above and none below; the 3-D downsamples halve the frames of
-    chunks after the first (4 -> 2 -> 1). The mid attention receives K and V (2 x channels) of every other
-    tile, padded to the tallest tile, per frame. Widths: patchified rows are 8 per latent row.
+    Chunks: frame 0 alone, then 4 frames. Every 3x3x3 conv exchanges 1 row (column bands: column) of its
+    input with each neighbour, the chunk plus 2 causal frames (zeros or cache); a spatial downsample pads
+    bottom/right only, so a band sends 1 row to the band before it and none after; the 3-D downsamples halve
+    the frames of chunks after the first (4 -> 2 -> 1). The mid attention receives K and V (2 x channels) of
+    every other band, padded to the largest, per frame; gather_output adds the latent bands, padded alike.
+    Halos go rows first, then columns over the row-extended tile (which carries a 2-D grid's corners): in
+    column bands each exchanged column is therefore longer by the zero rows padded above and below it.
     """
     cfg = WanVAE38Config.tiny()
     b, _, t, h, w = video_shape
-    n = len(case["ranks"])
-    i = case["ranks"].index(rank)
-    above, below = i > 0, i < n - 1
+    n, along, longest, before, after, cols = _band(case, rank, h // 16, w // 16)
     dims = [cfg.base_dim * m for m in (1, *cfg.dim_mult)]
+    t_lat = (t - 1) // 4 + 1
     halo = 0
-    for chunk in [1] + [4] * ((t - 1) // 4):
-        frames, width = chunk, w // 2  # after the 2x2 patchify
+    for chunk in [1] + [4] * (t_lat - 1):
+        frames, length = chunk, along * 8  # 8 patchified rows per latent row
 
         def conv3(channels):
-            return (above + below) * b * channels * (frames + 2) * width * 4
+            return (before + after) * b * channels * (frames + 2) * (length + 2 * cols) * 4
 
         halo += conv3(cfg.image_channels * 4)  # conv_in
         for s in range(len(cfg.dim_mult)):
             halo += conv3(dims[s]) + (2 * cfg.num_res_blocks - 1) * conv3(dims[s + 1])  # resnets
             if s != len(cfg.dim_mult) - 1:
-                halo += above * b * dims[s + 1] * frames * width * 4  # downsample: first row to the rank above
-                width //= 2
+                halo += before * b * dims[s + 1] * frames * (length + cols) * 4  # downsample: one-sided
+                length //= 2
                 if cfg.temporal_downsample[s] and chunk > 1:
                     frames //= 2
         halo += 4 * conv3(dims[-1]) + conv3(dims[-1])  # mid: 2 resnets x 2 convs; conv_out
-    rows = max(r1 - r0 for r0, r1 in zip(case["row_bounds"], case["row_bounds"][1:]))
-    gather = ((t - 1) // 4 + 1) * b * (n - 1) * rows * (w // 16) * 2 * dims[-1] * 4
+    gather = t_lat * b * (n - 1) * longest * along * 2 * dims[-1] * 4
+    if case["gather_output"]:
+        gather += b * cfg.z_dim * t_lat * longest * along * (n - 1) * 4
+    return halo, gather
+
+
+def _analytic_decode_bytes(case, rank, latent_shape) -> tuple[int, int]:
+    """The same for a 1-D band decode: steps of frame 0 alone, then ``frames_per_step`` latent frames, each
+    conv exchanging the step's frames plus 2 causal ones; a spatial upsample exchanges 1 low-resolution row
+    with each neighbour after the 3-D upsamples doubled the frames of every step but the first."""
+    cfg = WanVAE38Config.tiny()
+    b, z, t_lat, h, w = latent_shape
+    n, along, longest, before, after, cols = _band(case, rank, h, w)
+    dims = [cfg.decoder_base_dim * m for m in (cfg.dim_mult[-1], *cfg.dim_mult[::-1])]
+    temporal = (*cfg.temporal_downsample[::-1], False)
+    fps = case.get("frames_per_step", 1)
+    steps = [1] + [min(fps, t_lat - 1 - k) for k in range(0, t_lat - 1, fps)]
+    halo = 0
+    for k, step in enumerate(steps):
+        frames, length = step, along
+
+        def conv3(channels):
+            return (before + after) * b * channels * (frames + 2) * (length + 2 * cols) * 4
+
+        halo += conv3(z) + 4 * conv3(dims[0])  # conv_in; mid: 2 resnets x 2 convs
+        for s in range(len(cfg.dim_mult)):
+            halo += conv3(dims[s]) + (2 * cfg.num_res_blocks + 1) * conv3(dims[s + 1])
+            if s != len(cfg.dim_mult) - 1:
+                if temporal[s] and k > 0:
+                    frames *= 2
+                halo += (before + after) * b * dims[s + 1] * frames * (length + 2 * cols) * 4  # upsample, low res
+                length *= 2
+        halo += conv3(dims[-1])  # conv_out
+    gather = t_lat * b * (n - 1) * longest * along * 2 * dims[0] * 4
+    if case["gather_output"]:
+        gather += b * 3 * (4 * (t_lat - 1) + 1) * longest * along * 256 * (n - 1) * 4
     return halo, gather
 
 
