@@ -114,8 +114,8 @@ _FIXED_RELEASE_KEYS = {
     "added_kv_proj_dim": (None,),
     "pos_embed_seq_len": (None,),
 }
-# Keys that carry no architecture megawan needs: pipeline metadata, and rope_max_seq_len (megawan
-# computes RoPE tables for the actual grid, which equals the release's precomputed table rows).
+# Keys that carry no architecture megawan needs: pipeline metadata, and rope_max_seq_len (the length of
+# diffusers' precomputed RoPE table; megawan computes RoPE for the actual grid).
 _IGNORED_RELEASE_KEYS = {"model_type", "rope_max_seq_len", "_diffusers_version", *_FIXED_RELEASE_KEYS}
 
 
