@@ -152,3 +152,19 @@ def test_gloo_ranks_on_a_gpu_machine_get_the_cpu_stand_ins(monkeypatch):
         assert device == "cpu"
         assert gathered.device.type == "cpu"
         assert torch.equal(gathered, torch.cat([torch.zeros(2, 3), torch.ones(2, 3)]))
+
+
+def test_nccl_request_without_enough_gpus_is_a_skip_that_names_the_shortfall(monkeypatch):
+    import unittest
+
+    from megawan.testing import test_backend as backend_for
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    monkeypatch.setenv("MEGAWAN_TEST_BACKEND", "nccl")
+    with pytest.raises(unittest.SkipTest, match=rf"needs {gpus + 1} GPUs, the machine has {gpus}"):
+        backend_for(gpus + 1)
+    monkeypatch.setenv("MEGAWAN_TEST_BACKEND", "gloo")
+    assert backend_for(gpus + 1) == "gloo"
+    monkeypatch.setenv("MEGAWAN_TEST_BACKEND", "mpi")
+    with pytest.raises(ValueError, match="MEGAWAN_TEST_BACKEND must be 'gloo' or 'nccl'"):
+        backend_for(2)
