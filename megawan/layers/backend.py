@@ -44,7 +44,9 @@ class DiTBackend:
             perform_initialization=runtime.init_weights, gradient_accumulation_fusion=False,
         )
         return cls(mp_config, groups.tp_group, groups.cp_group if groups.cp > 1 else None,
-                   linear.resolve_linear_impl(runtime.linear_impl), runtime.attention_backend)
+                   # "auto" means TE only where the ranks compute on a GPU (gloo ranks on a GPU machine do not)
+                   linear.resolve_linear_impl("local" if runtime.linear_impl == "auto" and groups.device.type != "cuda"
+                                              else runtime.linear_impl), runtime.attention_backend)
 
     @property
     def tp(self) -> int:
