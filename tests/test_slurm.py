@@ -25,6 +25,7 @@ from tests.slurm_cluster import LocalSlurm, unavailable_reason
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 16
+CPU_RANKS = {"MEGAWAN_PYTHON": sys.executable, "MEGAWAN_BACKEND": "gloo"}  # gloo even where CUDA exists
 LOSS_RTOL = 1e-6  # same ranks, layout and arithmetic: the resumed step repeats the straight one's
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
@@ -52,8 +53,7 @@ def train_args(data_root, out_dir) -> list[str]:
 
 def submit(slurm, script: str, sbatch_args: list[str], args: list[str], logs: list[Path]) -> tuple[int, Path]:
     """Submit from the checkout's root as a user would; the job's log file is removed after the test."""
-    job = slurm.sbatch([*sbatch_args, f"launch/slurm/{script}", *args], cwd=REPO,
-                       env={"MEGAWAN_PYTHON": sys.executable})
+    job = slurm.sbatch([*sbatch_args, f"launch/slurm/{script}", *args], cwd=REPO, env=CPU_RANKS)
     log = REPO / "logs" / f"megawan-{script.split('.')[0]}-{job}.out"
     logs.append(log)
     return job, log
@@ -125,7 +125,7 @@ def test_training_job_is_preempted_requeues_itself_and_resumes(slurm, data_root,
     ref_out = tmp_path / "straight"
     straight = subprocess.run(["bash", "launch/train.sh", "--nproc", "2", *train_args(data_root, ref_out)],
                               cwd=REPO, capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "MEGAWAN_PYTHON": sys.executable})
+                              env={**os.environ, **CPU_RANKS})
     assert straight.returncode == 0, straight.stdout[-2000:] + straight.stderr[-2000:]
     reference = steps_logged(ref_out)
     assert [r["step"] for r in reference] == list(range(1, STEPS + 1))
