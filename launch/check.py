@@ -58,7 +58,13 @@ def main(argv: list[str]) -> str:
         except ConfigError as e:
             fail(str(e))
         return layout(world, cfg.parallel.tp, cfg.parallel.cp, "parallel.tp * parallel.cp")
-    module, tp, cp = argv[3], int(argv[4]), int(argv[5])
+    if len(argv) != 6:
+        fail("usage: check.py --world N module MODULE TP CP")
+    module = argv[3]
+    try:
+        tp, cp = int(argv[4]), int(argv[5])
+    except ValueError:
+        fail(f"--tp and --cp need integers, got {argv[4]!r} and {argv[5]!r}")
     if not module_exists(module):
         fail(f"python module {module} is not in this checkout")
     return layout(world, tp, cp)

@@ -51,9 +51,10 @@ megawan_job() {
   megawan_log "checkout $root ($(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo 'not a git checkout'))," \
     "python $python ($("$python" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__)' \
     2>/dev/null || echo 'cannot import torch'))"
-  if [ -n "${SLURM_GPUS_ON_NODE:-}" ] && [ "${SLURM_GPUS_ON_NODE}" != 0 ] \
-     && [ "${SLURM_NTASKS_PER_NODE:-$ntasks}" != "$SLURM_GPUS_ON_NODE" ]; then
-    megawan_log "warning: ${SLURM_NTASKS_PER_NODE:-$ntasks} task(s) per node for $SLURM_GPUS_ON_NODE GPU(s):" \
+  local per_node=${SLURM_NTASKS_PER_NODE:-$ntasks}
+  per_node=${per_node%%(*}  # "8(x4)": 8 on each of 4 nodes
+  if [ -n "${SLURM_GPUS_ON_NODE:-}" ] && [ "${SLURM_GPUS_ON_NODE}" != 0 ] && [ "$per_node" != "$SLURM_GPUS_ON_NODE" ]; then
+    megawan_log "warning: $per_node task(s) per node for $SLURM_GPUS_ON_NODE GPU(s):" \
       "one task per GPU is expected (--ntasks-per-node = --gpus-per-node)"
   fi
 
@@ -66,6 +67,7 @@ megawan_job() {
         --config) [ ${#args[@]} -ge 2 ] || { echo "error: --config needs a value" >&2; return 2; }
                   config=${args[1]}; args=("${args[@]:2}") ;;
         --config=*) config=${args[0]#--config=}; args=("${args[@]:1}") ;;
+        --print-config) args=("${args[@]:1}") ;;
         *) overrides+=("${args[0]}"); args=("${args[@]:1}") ;;
       esac
     done
