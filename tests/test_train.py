@@ -2,9 +2,11 @@
 signals, dead ranks, NaN batches and bad configs.
 
 Tolerances (fp32 on CPU): a TP2 x CP2 step reorders reductions only, so its loss is within 1e-5 of the
-single-process loss (relative). After a few Adam steps the weights are compared per tensor relative to the
-tensor's norm, bound 1e-4: Adam divides by sqrt(v) and so amplifies rounding in elements whose gradient is
-near zero; the measured worst case is recorded beside the bound.
+single-process loss (relative), and so is the global gradient norm (which Adam's update is blind to: a
+gradient off by a constant factor would still give the same weights). After a few Adam steps the weights
+are compared per tensor relative to the tensor's norm, bound 1e-3: Adam divides by sqrt(v) and so
+amplifies rounding in elements whose gradient is near zero (measured worst: 1.5e-4, a cross-attention
+bias, after 3 steps at TP2 x CP2).
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ from megawan.training.config import ConfigError, load_config
 from tests import _train_workers as w
 
 LOSS_TOL = 1e-5
-WEIGHT_TOL = 1e-4
+WEIGHT_TOL = 1e-3
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("sample_1x")
     make_sample_data(root)
+    w.write_prompt(root / "prompt.safetensors")  # tiny_overrides points data.empty_prompt here
     return root / "train_v2.0_raw"
 
 
@@ -49,6 +52,8 @@ def test_tp2_cp2_training_matches_single_process(data_root, tmp_path):
         "run.steps": steps, "parallel.tp": 2, "parallel.cp": 2}))[0]
     assert len(one["losses"]) == len(four["losses"]) == steps
     assert abs(four["losses"][0] - one["losses"][0]) <= LOSS_TOL * abs(one["losses"][0])
+    for a, b in zip(four["grad_norms"], one["grad_norms"]):  # before clipping: the true global norm
+        assert abs(a - b) <= 10 * LOSS_TOL * b, (four["grad_norms"], one["grad_norms"])
     for a, b in zip(four["losses"], one["losses"]):
         assert abs(a - b) <= 10 * LOSS_TOL * abs(b), (four["losses"], one["losses"])
     err = _max_param_err(four["params"], one["params"])
@@ -147,6 +152,7 @@ def test_nan_batches_are_skipped_counted_then_stop_the_run(data_root, tmp_path):
     (["--objective.sigma_sampler", "cosine"], "objective: sigma_sampler must be one of"),
     (["--parallel.tp"], "override --parallel.tp has no value"),
     (["--tp", "2"], "use --section.key"),
+    (["--optim.warmup_steps", "40"], "optim.warmup_steps=40 must be < run.steps=40"),
 ])
 def test_a_bad_config_is_refused_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -78,9 +78,10 @@ class MemoryEstimate:
         return self.weights + self.grads + self.optimizer + self.activations
 
     def describe(self) -> str:
-        parts = ", ".join(f"{k} {getattr(self, k) / GIB:.1f}" for k in ("weights", "grads", "optimizer",
-                                                                         "activations"))
-        return f"{self.total / GIB:.1f} GiB ({parts} GiB)"
+        unit, scale = ("GiB", GIB) if self.total >= GIB else ("MiB", 2**20)
+        parts = ", ".join(f"{k} {getattr(self, k) / scale:.1f}" for k in ("weights", "grads", "optimizer",
+                                                                          "activations"))
+        return f"{self.total / scale:.1f} {unit} ({parts} {unit})"
 
 
 def estimate_memory(cfg: WanDiTConfig, *, tokens: int, batch: int, tp: int, cp: int, dp: int,

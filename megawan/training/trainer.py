@@ -34,7 +34,7 @@ from megawan.parallel_state import LayoutError, ParallelLayout
 from megawan.training import checkpointing
 from megawan.training.budget import GIB, dit_flops, estimate_memory, suggest_layout
 from megawan.training.config import TrainConfig, dump_config
-from megawan.training.data import Batch, TrainingData, build_dataset, latent_shape, validation_clips
+from megawan.training.data import Batch, TrainingData, build_dataset, build_vae, latent_shape, validation_clips
 from megawan.training.metrics import MetricsLogger, peak_memory_gib
 from megawan.training.optim import EMA, build_optimizer, finish_grad_sync, grads_are_finite, wrap_ddp
 
@@ -140,6 +140,7 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self._stop_requested = False
         self._val_cache: list | None = None
+        self._rollout_clips: list | None = None
 
     # ---- one step ------------------------------------------------------------------------------
 
@@ -246,6 +247,23 @@ class Trainer:
         self.model.train()
         return out
 
+    @torch.no_grad()
+    def rollouts(self) -> dict:
+        """World-model rollouts on fixed held-out clips, scored like the 1X challenge (PSNR / SSIM of the
+        predicted frames against the truth and the copy-last-context-frame baseline)."""
+        from megawan.evaluation import evaluate_rollouts
+        from megawan.pipelines.sampling import SamplingConfig
+
+        vcfg, data_cfg = self.cfg.validation, self.cfg.data
+        if self._rollout_clips is None:  # raw clips (video + states) of the held-out split, read once
+            dataset = build_dataset(dataclasses.replace(data_cfg, source="1x"), vcfg.root or data_cfg.root)
+            self._rollout_clips = [dataset[i] for i in validation_clips(len(dataset), vcfg.rollout_clips)]
+        vae = self.data.vae if self.data.vae is not None else build_vae(data_cfg, self.groups.device)
+        context = 4 * (self.cfg.objective.clean_frames - 1) + 1  # K clean latent frames <- 4 (K - 1) + 1 frames
+        return evaluate_rollouts(self.model, vae, self._rollout_clips, self.groups, text=self.data.empty_text,
+                                 config=SamplingConfig(steps=vcfg.rollout_steps, guidance=1.0),
+                                 context_frames=context, seed=vcfg.seed)
+
     # ---- checkpoints ----------------------------------------------------------------------------
 
     def _common_state(self) -> dict:
@@ -337,6 +355,8 @@ class Trainer:
                 log.log(self.step, last)
                 if cfg.validation.every and self.step % cfg.validation.every == 0:
                     log.log(self.step, self.validate(), kind="validation")
+                if cfg.validation.rollout_every and self.step % cfg.validation.rollout_every == 0:
+                    log.log_rollouts(self.step, self.rollouts())
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.run.steps:
                     self.save()
             path = self.save()
