@@ -20,12 +20,12 @@ def fp8_backward_layouts(ckpt_dir, case, weight, fp8, layouts):
         model = WanDiT.from_pretrained(ckpt_dir, dtype=torch.bfloat16, groups=groups,
                                        runtime=DiTRuntime(sequence_parallel=True, linear_impl="local", fp8=fp8))
         model.train()
-        x, t, text = (v.to(groups.device) for v in case)
+        x, t, text = (v.to(groups.device).clone() for v in case)  # a fresh leaf per layout
         x.requires_grad_(True)
         out = model(x, t, text)
         (out.float() * weight).sum().backward()
         reduce_model_parallel_grads(model, groups)
         grads = {n: _grad_full(p, groups).float() for n, p in model.named_parameters()}
-        results[(tp, cp)] = (out.detach().float().cpu(), x.grad.float().cpu(), grads)
+        results[(tp, cp)] = (out.detach().float().cpu(), x.grad.float().cpu().clone(), grads)
         del model
     return results if dist.get_rank() == 0 else None

@@ -164,3 +164,78 @@ def test_tp2_cp2_fp8_matches_tp1_fp8(tmp_path):
         assert rel_err(o4, o1) < MODEL_BOUND and rel_err(gx4, gx1) < MODEL_BOUND, mode
         errs = {k: rel_err(g4[k], g1[k]) for k in g1}
         assert max(errs.values()) < GRAD_BOUND[mode], (mode, errs)
+
+
+# ---- training and checkpoints -------------------------------------------------------------------
+
+def _train(mode: str, steps: int, model=None):
+    """Train the tiny DiT (bf16 weights and GEMMs, fp32 master weights as Megatron keeps them, AdamW) on
+    fixed synthetic latents with the TI2V flow-matching objective; the draws are identical for every mode.
+    Returns the per-step losses and the model."""
+    from megawan.diffusion import flow_matching as fm
+
+    if model is None:
+        torch.manual_seed(0)
+        model = WanDiT(TINY, runtime=_runtime(mode)).train()
+    params = [p for p in model.parameters()]
+    master = [p.detach().float().clone().requires_grad_(True) for p in params]
+    opt = torch.optim.AdamW(master, lr=2e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(7)
+    x0 = torch.randn(2, TINY.in_channels, 3, 4, 4, generator=g)
+    text = make_case(3, 4, 4, per_token=False)[2]
+    clean = torch.tensor([1, 1])
+    cfg = fm.FlowMatchingConfig()
+    losses = []
+    for _ in range(steps):
+        noise = torch.randn(x0.shape, generator=g)
+        sigma = fm.sample_sigmas(2, cfg, g)
+        pred = model(fm.noisy_latents(x0, noise, sigma, clean), fm.token_timesteps(sigma, clean, (3, 2, 2)), text)
+        loss = fm.flow_matching_loss(pred, x0, noise, clean)
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        for m, p in zip(master, params):
+            m.grad = p.grad.float()
+        opt.step()
+        with torch.no_grad():
+            for m, p in zip(master, params):
+                p.copy_(m)
+        losses.append(loss.item())
+    return torch.tensor(losses), model
+
+
+LOSS_BAND = 0.03  # relative gap of the 5-step moving average of the loss, FP8 vs bf16, at every step
+
+
+def test_fp8_training_tracks_the_bf16_loss_curve():
+    steps = 30
+    ref, _ = _train("off", steps)
+    smooth = lambda l: l.unfold(0, 5, 1).mean(1)  # noqa: E731 - one draw's noise level varies a lot
+    assert smooth(ref)[-1] < 0.8 * smooth(ref)[0]  # it learns: the comparison is not of flat curves
+    for mode in NATIVE:
+        losses, _ = _train(mode, steps)
+        gap = ((smooth(losses) - smooth(ref)).abs() / smooth(ref)).max().item()
+        assert gap < LOSS_BAND, (mode, gap)
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    """Same keys and bit-identical tensors (megatron's linears hold a None ``_extra_state``)."""
+    return a.keys() == b.keys() and all(
+        (a[k] is None and b[k] is None) or (a[k] is not None and b[k] is not None and torch.equal(a[k], b[k]))
+        for k in a)
+
+
+def test_checkpoints_move_between_fp8_and_bf16_runs(tmp_path):
+    """FP8 lives only inside the GEMMs: an FP8 run's checkpoint is a bf16 run's (same keys, same bits)
+    and the reverse; each run continues from the other's weights."""
+    _, fp8_model = _train("native-rowwise", 3)
+    fp8_model.save_pretrained(tmp_path / "fp8")
+    bf16_model = WanDiT.from_pretrained(tmp_path / "fp8", dtype=torch.bfloat16, runtime=_runtime())
+    assert _same_state(fp8_model.state_dict(), bf16_model.state_dict())
+    x, t, text = make_case(2, 4, 4, per_token=True)
+    with torch.no_grad():
+        assert 0 < rel_err(fp8_model(x, t, text), bf16_model(x, t, text)) < MODEL_BOUND
+    _train("off", 2, bf16_model.train())  # the bf16 run goes on, then hands back to FP8
+    bf16_model.save_pretrained(tmp_path / "bf16")
+    back = WanDiT.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16, runtime=_runtime("native-tensorwise"))
+    assert _same_state(bf16_model.state_dict(), back.state_dict())
+    assert not _same_state(bf16_model.state_dict(), fp8_model.state_dict())  # it did train in between
