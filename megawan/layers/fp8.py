@@ -123,7 +123,9 @@ def _cast(x: torch.Tensor, dtype: torch.dtype, rowwise: bool, dim: int):
     gran = ScalingGranularity.AXISWISE if rowwise else ScalingGranularity.TENSORWISE
     scale = tensor_to_scale(x, dtype, scaling_granularity=gran, axiswise_dim=dim if rowwise else None,
                             round_scales_to_power_of_2=True)
-    return to_fp8_saturated(x.float() * scale, dtype), scale
+    # Scales are powers of 2, so scaling in bf16 is exact: no fp32 copy of the activation.
+    scaled = x * scale.to(x.dtype) if x.dtype == torch.bfloat16 else x.float() * scale
+    return to_fp8_saturated(scaled, dtype), scale
 
 
 def fp8_mm(a: torch.Tensor, b: torch.Tensor, a_dtype: torch.dtype, b_dtype: torch.dtype, rowwise: bool,
