@@ -11,6 +11,7 @@ per-token timesteps (latent frame 0 at t = 0), loss = mean square of the velocit
 121 x 704 x 1280 video = 31 x 44 x 80 latents = 27,280 tokens by default.
 
     python bench/bench_dit_fp8_gpu.py                      # 5,120 and 27,280 tokens, block + full model
+    python bench/bench_dit_fp8_gpu.py --compile --no-model # the block under torch.compile, every mode
     python bench/bench_dit_fp8_gpu.py --cpu-smoke --dim 288 --ffn-dim 512 --heads 24 --tokens 64 \\
         --model-layers 2 --model-latents 2 4 4 --text-dim 64 --iters 1 --warmup 0   # checks the script
 """
@@ -61,6 +62,8 @@ def bench_blocks(args, groups, device, modes):
         model = WanDiT(cfg, groups, _runtime(mode, args.attention_backend))
         block = model.blocks[0].to(device).train()
         block._fp8_context = model.backend.fp8_autocast  # TE modes: the model's autocast around the block
+        if args.compile and not mode.startswith("te-"):
+            block.compile()  # torch.compile per block (as the trainer will): the FP8 casts fuse there
         for tokens in args.tokens:
             grid = GRIDS.get(tokens, (1, 1, tokens))
             with block._fp8_context():
@@ -79,7 +82,8 @@ def bench_blocks(args, groups, device, modes):
         del model, block
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    print(f"One block: dim {cfg.dim}, {cfg.num_heads} heads, ffn {cfg.ffn_dim}; warmup {args.warmup}, "
+    print(f"One block{' (torch.compile, te-* modes eager)' if args.compile else ' (eager)'}: "
+          f"dim {cfg.dim}, {cfg.num_heads} heads, ffn {cfg.ffn_dim}; warmup {args.warmup}, "
           f"iters {args.iters}; TFLOP/s bf16-equivalent\n")
     print(format_table(rows, ["fp8", "tokens", "fwd ms", "fwd TFLOP/s", "fwd+bwd ms", "fwd+bwd TFLOP/s",
                               "fwd+bwd speedup vs off", "peak GiB", "rel err vs off"]))
@@ -137,6 +141,7 @@ def main(argv=None) -> None:
     p.add_argument("--heads", type=int, default=24)
     p.add_argument("--text-dim", type=int, default=4096)
     p.add_argument("--no-model", action="store_true", help="skip the full-model step")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block (block.compile())")
     p.add_argument("--model-layers", type=int, default=None, help="default: the 5B preset (30 blocks)")
     p.add_argument("--model-latents", type=int, nargs=3, default=[31, 44, 80], metavar=("F", "H", "W"))
     p.add_argument("--cpu-smoke", action="store_true",

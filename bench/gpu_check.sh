@@ -9,7 +9,7 @@
 # 5. FP8 (issue 14): the native FP8 GEMM against brute force on CUDA (kernel layout / padding / both
 #    scalings), the tiny DiT's FP8 forward + backward against bf16 on CUDA, then
 #    bench/bench_dit_fp8_gpu.py: bf16 vs FP8 block at 5,120 and 27,280 tokens and the full 5B
-#    forward + backward, side by side. The native path needs torchao: carry its wheel
+#    forward + backward, side by side (then the block under torch.compile). The native path needs torchao: carry its wheel
 #    (bash ../shared/device/fetch_wheels.sh torchao==0.18.0, then install .whl/*.whl as that script says).
 # Not yet run: no session so far had a GPU machine.
 # Each step logs its output and the script carries on past a failing step, so one run says everything.
@@ -82,3 +82,5 @@ for mode in ("off", "native-tensorwise", "native-rowwise"):
               "latent grad", ((res[mode][1] - res["off"][1]).norm() / res["off"][1].norm()).item(), "(CPU test bound 0.04)")
 PY
 step fp8_bench python bench/bench_dit_fp8_gpu.py --tokens 5120 27280
+# last: compiling every mode at two shapes takes minutes; the eager figures above are already logged
+step fp8_bench_compiled python bench/bench_dit_fp8_gpu.py --tokens 5120 27280 --no-model --compile --iters 5

@@ -126,6 +126,21 @@ def test_fp8_covers_the_block_gemms_and_nothing_else(mode, monkeypatch):
     assert 0 < rel_err(outs[0], bf16) < MODEL_BOUND
 
 
+def test_fp8_block_compiles_without_graph_breaks():
+    """torch.compile (dynamo + AOT autograd, fullgraph) traces the FP8 linears: same numbers as eager."""
+    case = _block_case(h=2, w=2)
+    torch.manual_seed(0)
+    block = WanBlock(TINY, DiTBackend.build(parallel_state.get_groups(), _runtime("native-tensorwise")),
+                     torch.bfloat16)
+    x, e0, context, cos, sin, n = case
+    results = []
+    for fn in (block, torch.compile(block, backend="aot_eager", fullgraph=True)):
+        xx = x.clone().requires_grad_(True)
+        fn(xx, e0, context, cos, sin, n).sum().backward()
+        results.append(xx.grad)
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
+
+
 def test_fp8_switch_errors_name_the_problem():
     groups = parallel_state.get_groups()
     with pytest.raises(ValueError, match="fp8 must be one of"):
@@ -150,8 +165,9 @@ def test_auto_linears_resolve_to_local_for_native_fp8():
 # ---- layouts ------------------------------------------------------------------------------------
 
 def test_tp2_cp2_fp8_matches_tp1_fp8(tmp_path):
-    """Per native mode: TP2 x CP2 (SP) in FP8 = TP1 in FP8 within the FP8 bounds (scales are per rank,
-    so the layouts round slightly differently); both within the bounds of TP1 bf16."""
+    """Per native mode: TP2 x CP2 (SP: gathered inputs, reduce-scattered input grads) and TP2 without SP
+    (all-reduced input grads) in FP8 = TP1 in FP8 within the FP8 bounds (scales are per rank, so the
+    layouts round slightly differently)."""
     from tests._fp8_workers import fp8_backward_layouts
 
     torch.manual_seed(0)
@@ -159,11 +175,14 @@ def test_tp2_cp2_fp8_matches_tp1_fp8(tmp_path):
     case = make_case(2, 4, 6, per_token=True, batch=1)  # 24 tokens: 6 per rank under TP2 x CP2
     weight = torch.randn(1, TINY.out_channels, 2, 4, 6, generator=torch.Generator().manual_seed(3))
     for mode in NATIVE:
-        res = run_distributed(fp8_backward_layouts, 4, str(tmp_path), case, weight, mode, [(1, 1), (2, 2)])[0]
-        (o1, gx1, g1), (o4, gx4, g4) = res[(1, 1)], res[(2, 2)]
-        assert rel_err(o4, o1) < MODEL_BOUND and rel_err(gx4, gx1) < MODEL_BOUND, mode
-        errs = {k: rel_err(g4[k], g1[k]) for k in g1}
-        assert max(errs.values()) < GRAD_BOUND[mode], (mode, errs)
+        layouts = [(1, 1, False), (2, 2, True), (2, 1, False)]
+        res = run_distributed(fp8_backward_layouts, 4, str(tmp_path), case, weight, mode, layouts)[0]
+        o1, gx1, g1 = res[layouts[0]]
+        for layout in layouts[1:]:
+            o, gx, g = res[layout]
+            assert rel_err(o, o1) < MODEL_BOUND and rel_err(gx, gx1) < MODEL_BOUND, (mode, layout)
+            errs = {k: rel_err(g[k], g1[k]) for k in g1}
+            assert max(errs.values()) < GRAD_BOUND[mode], (mode, layout, errs)
 
 
 # ---- training and checkpoints -------------------------------------------------------------------
