@@ -6,7 +6,7 @@ setup(
     description="Megatron-style training and inference of Wan 2.2 TI2V-5B (DiT + VAE38)",
     python_requires=">=3.11",
     packages=find_packages(include=["megawan", "megawan.*"]),
-    package_data={"megawan.presets": ["*/*.json"]},  # model presets, read through importlib.resources
+    package_data={"megawan.presets": ["*/*.json", "*/*.yaml"]},  # model presets, read through importlib.resources
     install_requires=[
         "torch>=2.4",
         "megatron-core>=0.16",
@@ -14,14 +14,19 @@ setup(
         "numpy",
         "einops",
         "tqdm",
+        "pyyaml",
+        "psutil",  # megatron dist_checkpointing's writer; host memory check
+        "tensorboard",
         "av>=12",
-        "transformers>=4.45",  # umT5 text encoder (megawan.tools.precompute)
+        "transformers>=4.45",  # umT5 text encoder (megawan.tools.precompute, megawan.generate)
+        "pillow",  # PNG contact sheets, image inputs (megawan.generate)
         "torchao>=0.18",  # float8 scales / casts / scaled GEMM of the native FP8 path (megawan/layers/fp8.py)
     ],
     extras_require={
         # diffusers is the independent reference; the CPU video decoders are compared with each other
         # (torchcodec 0.13 is the last CPU build: it needs the system's ffmpeg libraries).
-        "test": ["pytest>=8", "diffusers>=0.35", "torchcodec==0.13.0", "decord==0.6.0"],
+        "test": ["pytest>=8", "diffusers>=0.35", "torchcodec==0.13.0", "decord==0.6.0",
+                 "scikit-image>=0.22"],  # the independent PSNR / SSIM
         "gpu": ["transformer-engine[pytorch]", "flash-attn", "PyNvVideoCodec"],
     },
 )

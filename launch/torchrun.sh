@@ -15,4 +15,25 @@ if [ "${NNODES:-1}" -gt 1 ]; then
 else
   RDZV=(--standalone)
 fi
-exec torchrun "${RDZV[@]}" --nproc_per_node "$NPROC" -m "$MODULE" "$@"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # torchrun's default, set here so it prints no notice about it
+# megatron-core and torch print deprecation notices from every rank; keep the output readable
+export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning}
+
+# A megawan tool that exits with status 3 has already said why (rank 0, once: a layout rule, a missing
+# folder). torchrun's own report of that failure (its traceback, one entry per stopped rank) is then left
+# out of stderr; any other failure keeps it. The exit status is torchrun's either way.
+quiet_startup_failure() {
+  awk '
+    held { buf = buf $0 "\n"; next }
+    pending != "" { if ($0 ~ /bin\/torchrun"/) { held = 1; buf = pending "\n" $0 "\n"; pending = ""; next }
+                    print pending; pending = "" }
+    /^Traceback \(most recent call last\):$/ { pending = $0; next }
+    /closing signal SIGTERM|failed \(exitcode: / { notes = notes $0 "\n"; next }
+    { print; fflush() }
+    END {
+      if (pending != "") print pending
+      if (buf !~ /exitcode  *: 3 /) printf "%s%s", notes, buf
+    }'
+}
+set -o pipefail
+{ torchrun "${RDZV[@]}" --nproc_per_node "$NPROC" -m "$MODULE" "$@" 2>&1 1>&3 3>&- | quiet_startup_failure >&2; } 3>&1

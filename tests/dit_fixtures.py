@@ -49,3 +49,10 @@ def run_reference(ref, case):
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def model_output(model, case) -> torch.Tensor:
+    """Run megawan's model on ``case`` with the inputs on the model's device; the output back on CPU."""
+    device = model.patch_embedding.weight.device
+    with torch.no_grad():
+        return model(*(v.to(device) for v in case)).cpu()

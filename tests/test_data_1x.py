@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from megawan.data.clip_index import clip_span, valid_runs
+from megawan.data.clip_index import valid_runs
 from megawan.data.world_model_1x import WorldModel1XConfig, WorldModel1XDataset, discover_shards
 from megawan.tools.make_sample_data import make_sample_data, make_shard, render_frame
 
@@ -64,19 +64,21 @@ def test_clip_frames_are_rendered_from_the_clip_states(sample):
 def test_every_valid_window_and_only_those(sample, clip_frames, stride, hop):
     ds = WorldModel1XDataset(WorldModel1XConfig(str(sample / "train_v2.0_raw"), clip_frames=clip_frames,
                                                 frame_stride=stride, window_hop=hop))
-    span = clip_span(clip_frames, stride)
-    expected = set()
-    for position, shard in enumerate(ds.shards):
-        ids = shard.load_segment_ids()
-        for start, stop in valid_runs(ids):
-            expected |= {(shard.index, f) for f in range(start, stop - span + 1, hop)}
-    got = set()
-    for clip in range(len(ds)):
-        position, first = ds.index.locate(clip)
-        ids = ds.shards[position].load_segment_ids()[first:first + span]
-        assert len(ids) == span and (ids == ids[0]).all()  # never across a segment change
-        got.add((ds.shards[position].index, first))
-    assert got == expected and len(got) == len(ds)
+    span = (clip_frames - 1) * stride + 1
+    expected = set()  # brute force: every start whose span has one segment id, on the hop grid of its segment
+    for shard in ds.shards:
+        ids = np.fromfile(shard.segments, np.int32)
+        for f in range(len(ids) - span + 1):
+            if len(set(ids[f:f + span].tolist())) != 1:
+                continue
+            segment_start = f
+            while segment_start > 0 and ids[segment_start - 1] == ids[f]:
+                segment_start -= 1
+            if (f - segment_start) % hop == 0:
+                expected.add((shard.index, f))
+    got = [(ds.shards[p].index, first) for p, first in (ds.index.locate(c) for c in range(len(ds)))]
+    assert len(got) == len(set(got)) and set(got) == expected
+    assert got == sorted(got)  # (shard, frame) order
 
 
 def test_the_clip_index_is_ordered_and_located_exactly():

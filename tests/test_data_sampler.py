@@ -118,3 +118,29 @@ def test_counts_and_shapes_of_a_batch(dataset):
     assert batch["video"].shape == (4, 3, 5, 32, 32) and batch["states"].shape == (4, 5, 25)
     assert batch["num_samples"] == 4 and batch["shard"].dtype == torch.int64
     assert np.isfinite(batch["states"].numpy()).all()
+
+
+def test_a_state_from_another_dataset_or_seed_is_refused():
+    state = DistributedClipSampler(96, dp_rank=0, dp_size=2, seed=5).state_dict(consumed=3)
+    with pytest.raises(ValueError, match="96 items / seed 5, this sampler has 95 / 5"):
+        DistributedClipSampler(95, dp_rank=0, dp_size=2, seed=5).load_state_dict(state)
+    with pytest.raises(ValueError, match="96 items / seed 5, this sampler has 96 / 6"):
+        DistributedClipSampler(96, dp_rank=0, dp_size=2, seed=6).load_state_dict(state)
+
+
+def test_resume_when_the_consumed_count_does_not_divide_the_new_dp_size():
+    """20 items consumed at dp 4, resumed at dp 3: the new ranks restart at global position 18 (the last
+    multiple of 3), so items 18 and 19 are seen again and nothing is skipped."""
+    n = 50
+    order = DistributedClipSampler(n, dp_rank=0, dp_size=1, seed=5).epoch_order(0).tolist()
+    state = DistributedClipSampler(n, dp_rank=0, dp_size=4, seed=5).state_dict(consumed=5)
+    assert state["consumed_global"] == 20
+    rest = []
+    for r in range(3):
+        s3 = DistributedClipSampler(n, dp_rank=r, dp_size=3, seed=5)
+        s3.load_state_dict(state)
+        assert s3.offset == 6 and len(s3) == 17 - 6
+        rest.append(list(s3))
+    resumed = [rest[r][k] for k in range(len(rest[0])) for r in range(3)]  # back in global order
+    padded = order + order[: -n % 3]
+    assert resumed == padded[18:]

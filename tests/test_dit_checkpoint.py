@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -11,9 +12,10 @@ from safetensors.torch import load_file, save_file
 
 from megawan.checkpoint.safetensors_dir import CheckpointError
 from megawan.models.dit import DiTRuntime, WanDiT
+from megawan.models.dit_config import WanDiTConfig
 from megawan.testing import run_distributed
 from megawan.tools.convert_checkpoint import convert
-from tests.dit_fixtures import make_case, make_diffusers_reference
+from tests.dit_fixtures import make_case, make_diffusers_reference, model_output
 
 RT = DiTRuntime(linear_impl="local")
 
@@ -40,8 +42,7 @@ def test_official_and_diffusers_loads_are_identical(ckpts):
     for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
         assert na == nb and torch.equal(pa, pb), na
     x, t, text = make_case(3, 6, 8, True)
-    with torch.no_grad():
-        assert torch.equal(a(x, t, text), b(x, t, text))
+    assert torch.equal(model_output(a, (x, t, text)), model_output(b, (x, t, text)))
 
 
 @pytest.mark.parametrize("layout", ["official", "diffusers"])
@@ -64,7 +65,7 @@ def test_converter_round_trip_and_bf16(ckpts, tmp_path):
     convert(ckpts / "official", tmp_path / "bf16", to="official", dtype="bf16")
     m = WanDiT.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16, runtime=RT)
     ref = _state(ckpts / "official")["blocks.0.cross_attn.q.weight"].to(torch.bfloat16)
-    assert torch.equal(m.blocks[0].cross_attn.q.weight, ref)
+    assert torch.equal(m.blocks[0].cross_attn.q.weight.cpu(), ref)  # the model sits on GPU 0 on a GPU node
 
 
 def _load_tp_slices(path):
@@ -155,3 +156,38 @@ def test_official_key_names_are_the_released_ones():
         f"{m}.{i}.{w}" for m in ("text_embedding", "time_embedding") for i in (0, 2) for w in ("weight", "bias")}
     assert len(keys) == 27 * TINY.num_layers + 15
     assert all(diffusers_to_official(official_to_diffusers(k)) == k for k in keys)
+
+
+@pytest.mark.parametrize("layout", ["official", "diffusers"])
+def test_save_from_tp2_gathers_every_slice(ckpts, tmp_path, layout):
+    """TP > 1 saving: each split tensor is all-gathered over TP and only rank 0 writes, after which
+    every rank passes the barrier. The written files must equal the source, bit for bit."""
+    from tests import _dit_workers as workers
+
+    tp_ranks = run_distributed(workers.save_from_layout, 4, ckpts / "diffusers", tmp_path / layout, 2, 2, layout)
+    assert sorted(tp_ranks) == [0, 0, 1, 1]
+    assert len(list((tmp_path / layout).glob("*.safetensors"))) >= 2  # max_shard_bytes=1 MiB: sharded
+    src, out = _state(ckpts / layout), _state(tmp_path / layout)
+    assert set(out) == set(src)
+    for k in src:
+        assert out[k].shape == src[k].shape and torch.equal(out[k], src[k]), k
+    assert WanDiTConfig.load(tmp_path / layout) == WanDiTConfig.load(ckpts / layout)
+
+
+# (layout, key, a value the released TI2V-5B does not have)
+UNSUPPORTED_RELEASE_VALUES = [
+    ("official", "qk_norm", False), ("official", "cross_attn_norm", False), ("official", "window_size", [256, 256]),
+    ("diffusers", "qk_norm", "rms_norm"), ("diffusers", "qk_norm", None), ("diffusers", "cross_attn_norm", False),
+    ("diffusers", "image_dim", 1280), ("diffusers", "added_kv_proj_dim", 5120),
+    ("diffusers", "pos_embed_seq_len", 514),
+]
+
+
+@pytest.mark.parametrize("layout, key, value", UNSUPPORTED_RELEASE_VALUES)
+def test_release_config_with_other_behaviour_is_refused(ckpts, tmp_path, layout, key, value):
+    config = json.loads((ckpts / layout / "config.json").read_text())
+    assert WanDiTConfig.load(ckpts / layout).dim == 288  # the written (released) values load
+    config[key] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=re.escape(f"config.json: {key}={value!r} is not supported")):
+        WanDiTConfig.load(tmp_path)

@@ -8,7 +8,7 @@ import torch
 from megawan.layers.attention_kernels import check_backend
 from megawan.layers.linear import resolve_linear_impl
 from megawan.models.dit import DiTRuntime, WanDiT
-from tests.dit_fixtures import TINY, make_case
+from tests.dit_fixtures import TINY, make_case, model_output
 
 RT = DiTRuntime(linear_impl="local")
 
@@ -36,10 +36,19 @@ def test_wrong_shapes_are_named(model, mutate, message):
 
 def test_short_prompt_is_zero_padded_to_512(model):
     x, t, text = make_case(3, 6, 8, True)
-    with torch.no_grad():
-        full = model(x, t, text)
-        short = model(x, t, text[:, :23])  # the case's prompt has 23 tokens, then zeros
+    full = model_output(model, (x, t, text))
+    short = model_output(model, (x, t, text[:, :23]))  # the case's prompt has 23 tokens, then zeros
     assert torch.equal(full, short)
+
+
+@pytest.mark.parametrize("moved", [0, 1, 2])
+def test_inputs_on_another_device_are_named(model, moved):
+    """Each input must sit on the model's device; 'meta' stands in for a second device on any machine."""
+    case = [v.to(model.patch_embedding.weight.device) for v in make_case(3, 6, 8, True)]
+    case[moved] = case[moved].to("meta")
+    name = ("latents", "timestep", "text")[moved]
+    with pytest.raises(ValueError, match=rf"{name} is on meta but the model is on .*move the inputs"):
+        model(*case)
 
 
 def test_gpu_paths_requested_without_gpu_name_what_is_missing():

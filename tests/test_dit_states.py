@@ -81,8 +81,8 @@ def test_tp2_cp2_with_states_matches_single_process(tmp_path):
     case = make_case(3, 6, 6, True)  # 27 tokens: padded at TP2 x CP2
     s = _states(case)
     weight = torch.randn(case[0].shape, generator=torch.Generator().manual_seed(5))
-    out, x_grad, grads = run_distributed(workers.backward_layout, 4, tmp_path / "wm", case, weight, 2, 2, True,
-                                         False, s)[0]
+    out, x_grad, grads = run_distributed(workers.backward_layouts, 4, tmp_path / "wm", case, weight,
+                                         [(2, 2, True, False)], s)[0][(2, 2, True, False)]
     single = WanDiT.from_pretrained(tmp_path / "wm", runtime=RT)
     x = case[0].clone().requires_grad_(True)
     ref = single(x, case[1], case[2], states=s)

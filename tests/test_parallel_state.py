@@ -158,3 +158,44 @@ def test_get_groups_says_what_it_starts():
     lines = out.stdout.strip().splitlines()
     assert "starting a 1-rank gloo process group" in lines[-2], out.stderr[-2000:]
     assert lines[-1] == "1 gloo 1 1 1"
+
+def _sp_gather_with_cuda_present():
+    """A gloo rank on a machine that reports CUDA: megatron's SP gather must still run on CPU."""
+    torch.cuda.is_available = lambda: True  # what a GPU node reports; this torch may have no CUDA at all
+    from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    import torch.distributed as dist
+
+    groups = parallel_state.initialize(tp=2, num_heads=None, backend="gloo")
+    x = torch.full((2, 3), float(dist.get_rank()))
+    gathered = gather_from_sequence_parallel_region(x, group=groups.tp_group)
+    with get_cuda_rng_tracker().fork():  # megatron's model-parallel RNG: the CPU stand-in
+        torch.rand(1)
+    return str(groups.device), gathered
+
+
+def test_gloo_ranks_on_a_gpu_machine_get_the_cpu_stand_ins(monkeypatch):
+    """MEGAWAN_BACKEND=gloo (the test harness's default) keeps ranks on CPU where CUDA exists; megatron's
+    gathers allocate on torch.cuda.current_device() and must get CPU there, not cuda:0."""
+    monkeypatch.setenv("MEGAWAN_TEST_BACKEND", "gloo")  # this checks gloo ranks, also in an NCCL test run
+    for device, gathered in run_distributed(_sp_gather_with_cuda_present, 2):
+        assert device == "cpu"
+        assert gathered.device.type == "cpu"
+        assert torch.equal(gathered, torch.cat([torch.zeros(2, 3), torch.ones(2, 3)]))
+
+
+def test_nccl_request_without_enough_gpus_is_a_skip_that_names_the_shortfall(monkeypatch):
+    import unittest
+
+    from megawan.testing import test_backend as backend_for
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    monkeypatch.setenv("MEGAWAN_TEST_BACKEND", "nccl")
+    with pytest.raises(unittest.SkipTest, match=rf"needs {gpus + 1} GPUs, the machine has {gpus}"):
+        backend_for(gpus + 1)
+    monkeypatch.setenv("MEGAWAN_TEST_BACKEND", "gloo")
+    assert backend_for(gpus + 1) == "gloo"
+    monkeypatch.setenv("MEGAWAN_TEST_BACKEND", "mpi")
+    with pytest.raises(ValueError, match="MEGAWAN_TEST_BACKEND must be 'gloo' or 'nccl'"):
+        backend_for(2)

@@ -90,17 +90,44 @@ def _run_cli(argv):
     precompute_main(argv)
 
 
-def test_two_ranks_shard_the_vae_and_match_one_process(assets, tmp_path):
+def _cli_args(root):
+    return ["--source", "1x", "--data", str(root / "data" / "train_v2.0_raw"), "--vae", str(root / "vae"),
+            "--text-encoder", str(root / "umt5"), "--clip-frames", "5", "--window-hop", "8",
+            "--samples-per-shard", "3", "--max-samples", "7"]
+
+
+def test_two_vae_groups_of_two_ranks_match_one_process(assets, tmp_path):
+    """4 ranks, --vae-shards 2: two encode groups, each sharding the VAE over 2 ranks; 7 samples in 3 cache
+    shards, so group 0 writes shards 0 and 2 and group 1 shard 1. Every sample must equal one process's."""
     root, vae, text = assets
-    common = ["--source", "1x", "--data", str(root / "data" / "train_v2.0_raw"), "--vae", str(root / "vae"),
-              "--text-encoder", str(root / "umt5"), "--clip-frames", "5", "--window-hop", "8",
-              "--samples-per-shard", "3", "--max-samples", "7", "--dtype", "float32"]
-    run_distributed(_run_cli, 2, common + ["--out", str(tmp_path / "sharded"), "--vae-shards", "2"],
-                    timeout_s=300)
+    argv = _cli_args(root) + ["--dtype", "float32", "--out", str(tmp_path / "sharded"), "--vae-shards", "2"]
+    run_distributed(_run_cli, 4, argv, timeout_s=300)
     precompute(world_model_source(root), tmp_path / "single", vae=vae, text_encoder=text, samples_per_shard=3,
                max_samples=7, progress=False)
     sharded, single = LatentCacheDataset(tmp_path / "sharded"), LatentCacheDataset(tmp_path / "single")
+    index = json.loads((tmp_path / "sharded" / "index.json").read_text())
+    assert len(index["shards"]) == 3
     assert len(sharded) == len(single) == 7
     for i in range(7):
-        assert torch.allclose(sharded[i]["latents"], single[i]["latents"], atol=1e-5, rtol=1e-5)
+        assert torch.allclose(sharded[i]["latents"], single[i]["latents"], atol=1e-5, rtol=1e-5), i
         assert sharded[i]["first_frame"] == single[i]["first_frame"]
+
+
+def test_two_vae_groups_split_the_shards_and_store_bf16_by_default(assets, tmp_path):
+    """--vae-shards 1 on 2 ranks: two encode groups, shard k written by group k mod 2; no --dtype: bf16."""
+    root, vae, text = assets
+    run_distributed(_run_cli, 2, ["--source", "1x", "--data", str(root / "data" / "train_v2.0_raw"),
+                                  "--vae", str(root / "vae"), "--text-encoder", str(root / "umt5"),
+                                  "--clip-frames", "5", "--window-hop", "8", "--samples-per-shard", "2",
+                                  "--max-samples", "7", "--out", str(tmp_path / "groups")], timeout_s=300)
+    assert json.loads((tmp_path / "groups" / "cache_config.json").read_text())["dtype"] == "bfloat16"
+    cache, source = LatentCacheDataset(tmp_path / "groups"), world_model_source(root)
+    assert len(cache) == 7 and len(json.loads((tmp_path / "groups" / "index.json").read_text())["shards"]) == 4
+    for i in range(7):  # every clip once, in dataset order, whichever group wrote its shard
+        sample, clip = cache[i], source[i]
+        assert sample["latents"].dtype == torch.bfloat16
+        assert (sample["shard"], sample["first_frame"]) == (clip["shard"], clip["first_frame"])
+        direct = vae.encode(clip["video"][None])[0]
+        # bf16 compute and storage: a few bf16 roundings (2^-8 relative) through the tiny VAE
+        assert torch.allclose(sample["latents"].float(), direct, rtol=0.05, atol=0.05 * direct.abs().max())
+

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+
+import diffusers  # a test dependency (setup.py [test]): a missing one must fail, not skip
 import pytest
 import torch
 
@@ -17,12 +20,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """A random tiny diffusers VAE in the Wan 2.2 configuration, and ours loaded from its folder."""
-    diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
     ref = diffusers.AutoencoderKLWan(
         base_dim=8, decoder_base_dim=16, z_dim=48, is_residual=True, in_channels=12, out_channels=12,
         patch_size=2, scale_factor_spatial=16, temperal_downsample=[False, True, True],
         latents_mean=list(LATENTS_MEAN), latents_std=list(LATENTS_STD)).eval()
+    with torch.no_grad():  # diffusers initialises RMS-norm gammas to 1 and biases to 0: perturb every
+        for p in ref.parameters():  # parameter, so a mis-mapped gamma or bias changes the output
+            p.mul_(1 + 0.1 * torch.randn_like(p)).add_(0.01 * torch.randn_like(p))  # relative: no saturation
+        gammas = [n for n, p in ref.named_parameters() if n.endswith("gamma")]
+        assert len(gammas) == 52 and all((ref.get_parameter(n) != 1).all() for n in gammas)
     folder = tmp_path_factory.mktemp("vae_diffusers")
     ref.save_pretrained(folder)
     return ref, WanVAE38.from_pretrained(folder), folder
@@ -138,3 +145,78 @@ def test_bad_checkpoints_name_the_key(reference, tmp_path):
         WanVAE38.from_pretrained(tmp_path / "shape.pth")
     with pytest.raises(FileNotFoundError):
         WanVAE38.from_pretrained(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"is_residual": False}, "is_residual=False; VAE38 needs True"),  # the Wan 2.1 VAE
+    ({"patch_size": None}, "patch_size=None; VAE38 needs 2"),
+    ({"in_channels": 3, "out_channels": 3}, "in_channels=3; VAE38 needs 12"),
+    ({"attn_scales": [1.0]}, "attn_scales is not VAE38"),
+    ({"temperal_downsample": [True, True, False]}, "temporal_downsample (False, True, True)"),
+    ({"z_dim": 16}, "z_dim=16"),
+])
+def test_non_vae38_configs_are_refused(reference, tmp_path, change, message):
+    import json
+    import shutil
+
+    _, _, folder = reference
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(config | change))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        WanVAE38.from_pretrained(bad)
+
+
+def _released_official_keys() -> set[str]:
+    """Every tensor name of Wan2.2_VAE.pth, written out from the release's module structure (not from megawan's
+    rename table): per residual block residual.{0.gamma, 2.*, 3.gamma, 6.*} plus shortcut.* where the width
+    changes; encoder stages of 2 blocks (widths 160 -> 160, 320, 640, 640) with a resample at index 2 for the
+    first three (time_conv in the two 3-D ones); decoder stages of 3 blocks (1024 -> 1024, 1024, 512, 256) with
+    a resample at index 3 for the first three (time_conv in the two 3-D ones); middle = block, attention,
+    block; head = RMS norm, SiLU, conv; conv1 / conv2 = the 1x1x1 quant / post-quant convs."""
+    wb = ("weight", "bias")
+
+    def block(prefix, shortcut):
+        keys = {f"{prefix}.residual.0.gamma", f"{prefix}.residual.3.gamma"}
+        keys |= {f"{prefix}.residual.{i}.{w}" for i in (2, 6) for w in wb}
+        return keys | ({f"{prefix}.shortcut.{w}" for w in wb} if shortcut else set())
+
+    keys = {f"{c}.{w}" for c in ("conv1", "conv2") for w in wb}
+    for part, name, blocks, widths, resample_3d in (
+            ("encoder", "downsamples", 2, (160, 160, 320, 640, 640), (False, True, True)),
+            ("decoder", "upsamples", 3, (1024, 1024, 1024, 512, 256), (True, True, False))):
+        keys |= {f"{part}.conv1.{w}" for w in wb} | {f"{part}.head.0.gamma"} | {f"{part}.head.2.{w}" for w in wb}
+        keys |= block(f"{part}.middle.0", False) | block(f"{part}.middle.2", False)
+        keys |= {f"{part}.middle.1.norm.gamma"} | {f"{part}.middle.1.{m}.{w}" for m in ("to_qkv", "proj") for w in wb}
+        for i in range(4):
+            for j in range(blocks):
+                keys |= block(f"{part}.{name}.{i}.{name}.{j}", j == 0 and widths[i] != widths[i + 1])
+            if i < 3:
+                keys |= {f"{part}.{name}.{i}.{name}.{blocks}.resample.1.{w}" for w in wb}
+                if resample_3d[i]:
+                    keys |= {f"{part}.{name}.{i}.{name}.{blocks}.time_conv.{w}" for w in wb}
+    return keys
+
+
+def test_full_official_and_diffusers_key_lists():
+    """Official names: the release's full list (above). diffusers names: diffusers' own AutoencoderKLWan at the
+    released configuration, built on the meta device."""
+    from megawan.checkpoint.vae_keys import to_external
+
+    with torch.device("meta"):
+        vae = WanVAE38()
+        ref = diffusers.AutoencoderKLWan(
+            base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True, in_channels=12, out_channels=12,
+            patch_size=2, scale_factor_spatial=16, temperal_downsample=[False, True, True],
+            latents_mean=list(LATENTS_MEAN), latents_std=list(LATENTS_STD))
+    ours = vae.state_dict()
+    official = set(to_external(ours, "official", vae.config.num_res_blocks))
+    released = _released_official_keys()
+    assert official == released, (sorted(official - released)[:5], sorted(released - official)[:5])
+    assert sum(k.endswith("gamma") for k in official) == 52
+    theirs = ref.state_dict()
+    ours_diffusers = to_external(ours, "diffusers", vae.config.num_res_blocks)
+    assert set(ours_diffusers) == set(theirs), (sorted(set(ours_diffusers) - set(theirs))[:5],
+                                                sorted(set(theirs) - set(ours_diffusers))[:5])
+    assert all(tuple(ours_diffusers[k].shape) == tuple(theirs[k].shape) for k in theirs)

@@ -12,7 +12,7 @@ import torch
 
 from megawan.vae.model import WanVAE38, WanVAE38Config
 from megawan.testing import run_distributed
-from tests._vae_workers import run_sharded_cases
+from tests._vae_workers import run_sharded_cases, thin_tile_halo
 
 TOL = 1e-5
 PX = 16
@@ -30,10 +30,24 @@ CASES = [
          video="32x64_t9", band_input=True, gather_output=False),
     dict(name="n3_rows_uneven", ranks=[0, 1, 2], grid=(3, 1), row_bounds=(0, 2, 4, 5), col_bounds=(0, 2),
          video="80x32_t9", band_input=True, gather_output=False),
-    dict(name="n4_too_few_rows", ranks=[0, 1, 2, 3], grid=(4, 1), video="48x32_t17", expect_error=True),
+    dict(name="n2_rows_two_frames_per_step", ranks=[0, 1], grid=(2, 1), row_bounds=(0, 2, 3), col_bounds=(0, 2),
+         video="48x32_t17", band_input=True, gather_output=False, frames_per_step=2),
+    # documented error paths: every rank of the group must raise the same clear error (nobody hangs)
+    dict(name="n4_too_few_rows", ranks=[0, 1, 2, 3], grid=(4, 1), video="48x32_t17", expect_error=True,
+         message="cannot split 3 latent rows"),
+    dict(name="ranks_disagree_on_frames", ranks=[0, 1], grid=(2, 1), per_rank=["32x32_t9", "32x32_t5"],
+         band_input=True, expect_error=True, message="ranks of the VAE group disagree on batch/channels/frames"),
+    dict(name="unequal_full_inputs", ranks=[2, 3], grid=(2, 1), per_rank=["64x32_t9", "48x32_t9"],
+         band_input=False, expect_error=True, message="band_input=False expects the same full input on every rank"),
+    dict(name="tiles_not_a_grid", ranks=[0, 1, 2, 3], grid=(2, 2), op="decode", band_input=True,
+         per_rank=["lat_2x2", "lat_1x2", "lat_1x2", "lat_1x2"], expect_error=True,
+         message="tiles do not form a grid: rank 1 at tile (0, 1) is 1 x 2 latent"),
 ]
 VIDEOS = {"64x32_t9": (1, 9, 64, 32), "48x48_t9_b2": (2, 9, 48, 48), "48x32_t17": (1, 17, 48, 32),
-          "32x64_t9": (1, 9, 32, 64), "80x32_t9": (1, 9, 80, 32)}
+          "32x64_t9": (1, 9, 32, 64), "80x32_t9": (1, 9, 80, 32), "32x32_t9": (1, 9, 32, 32),
+          "32x32_t5": (1, 5, 32, 32), "48x32_t9": (1, 9, 48, 32)}
+VIDEOS_SHAPE = {k: (b, 3, t, h, w) for k, (b, t, h, w) in VIDEOS.items()}
+ERROR_INPUTS = {"lat_2x2": (1, 48, 2, 2, 2), "lat_1x2": (1, 48, 2, 1, 2)}
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -50,7 +64,8 @@ def sharded_run():
         latents = model.encode(video)
         data[key], data[key + "/latents"] = video, latents
         reference[key] = (latents, model.decode(latents))
-    cases = [dict(c, latents=c["video"] + "/latents") for c in CASES]
+    data.update({k: torch.randn(shape) for k, shape in ERROR_INPUTS.items()})
+    cases = [dict(c, latents=c["video"] + "/latents") if "video" in c else c for c in CASES]
     per_rank = run_distributed(run_sharded_cases, 4, model.state_dict(), cases, data, timeout_s=300)
     return per_rank, reference
 
@@ -71,12 +86,110 @@ def test_sharded_equals_unsharded(sharded_run, case):
         assert got["decode"].shape == vid_want.shape, (rank, got["decode"].shape, vid_want.shape)
         assert rel_err(got["encode"], lat_want) <= TOL, (rank, rel_err(got["encode"], lat_want))
         assert rel_err(got["decode"], vid_want) <= TOL, (rank, rel_err(got["decode"], vid_want))
-        assert got["halo_bytes"] > 0 and got["gather_bytes"] > 0
+        for phase in ("encode", "decode"):
+            assert got[f"{phase}_stats"].halo_bytes > 0 and got[f"{phase}_stats"].gather_bytes > 0, (rank, phase)
+        if 1 in case["grid"]:  # row or column bands: every rank's bytes equal the analytic figures
+            halo, gather = _analytic_encode_bytes(case, rank, VIDEOS_SHAPE[case["video"]])
+            assert got["encode_stats"].halo_bytes == halo, (rank, got["encode_stats"].halo_bytes, halo)
+            assert got["encode_stats"].gather_bytes == gather, (rank, got["encode_stats"].gather_bytes, gather)
+            halo, gather = _analytic_decode_bytes(case, rank, reference[case["video"]][0].shape)
+            assert got["decode_stats"].halo_bytes == halo, (rank, got["decode_stats"].halo_bytes, halo)
+            assert got["decode_stats"].gather_bytes == gather, (rank, got["decode_stats"].gather_bytes, gather)
         print(f"{case['name']} rank {rank}: encode rel err {rel_err(got['encode'], lat_want):.2e}, "
               f"decode rel err {rel_err(got['decode'], vid_want):.2e}")
 
 
-def test_impossible_split_is_refused_on_every_rank(sharded_run):
+def _band(case, rank, h_lat, w_lat):
+    """Band geometry of a 1-D split (row or column bands), in latent units: (ranks, my index, latent extent
+    along the cut, tallest band across it, whether the band has a neighbour before / after, column bands)."""
+    n = len(case["ranks"])
+    i = case["ranks"].index(rank)
+    rows = case["grid"][1] == 1
+    bounds = case["row_bounds"] if rows else case["col_bounds"]
+    longest = max(b1 - b0 for b0, b1 in zip(bounds, bounds[1:]))
+    return n, (w_lat if rows else h_lat), longest, i > 0, i < n - 1, not rows
+
+
+def _analytic_encode_bytes(case, rank, video_shape) -> tuple[int, int]:
+    """Halo bytes this rank sends and bytes it receives through gathers in a 1-D band encode, from the
+    architecture (not the code path).
+
+    Chunks: frame 0 alone, then 4 frames. Every 3x3x3 conv exchanges 1 row (column bands: column) of its
+    input with each neighbour, the chunk plus 2 causal frames (zeros or cache); a spatial downsample pads
+    bottom/right only, so a band sends 1 row to the band before it and none after; the 3-D downsamples halve
+    the frames of chunks after the first (4 -> 2 -> 1). The mid attention receives K and V (2 x channels) of
+    every other band, padded to the largest, per frame; gather_output adds the latent bands, padded alike.
+    Halos go rows first, then columns over the row-extended tile (which carries a 2-D grid's corners): in
+    column bands each exchanged column is therefore longer by the zero rows padded above and below it.
+    """
+    cfg = WanVAE38Config.tiny()
+    b, _, t, h, w = video_shape
+    n, along, longest, before, after, cols = _band(case, rank, h // 16, w // 16)
+    dims = [cfg.base_dim * m for m in (1, *cfg.dim_mult)]
+    t_lat = (t - 1) // 4 + 1
+    halo = 0
+    for chunk in [1] + [4] * (t_lat - 1):
+        frames, length = chunk, along * 8  # 8 patchified rows per latent row
+
+        def conv3(channels):
+            return (before + after) * b * channels * (frames + 2) * (length + 2 * cols) * 4
+
+        halo += conv3(cfg.image_channels * 4)  # conv_in
+        for s in range(len(cfg.dim_mult)):
+            halo += conv3(dims[s]) + (2 * cfg.num_res_blocks - 1) * conv3(dims[s + 1])  # resnets
+            if s != len(cfg.dim_mult) - 1:
+                halo += before * b * dims[s + 1] * frames * (length + cols) * 4  # downsample: one-sided
+                length //= 2
+                if cfg.temporal_downsample[s] and chunk > 1:
+                    frames //= 2
+        halo += 4 * conv3(dims[-1]) + conv3(dims[-1])  # mid: 2 resnets x 2 convs; conv_out
+    gather = t_lat * b * (n - 1) * longest * along * 2 * dims[-1] * 4
+    if case["gather_output"]:
+        gather += b * cfg.z_dim * t_lat * longest * along * (n - 1) * 4
+    return halo, gather
+
+
+def _analytic_decode_bytes(case, rank, latent_shape) -> tuple[int, int]:
+    """The same for a 1-D band decode: steps of frame 0 alone, then ``frames_per_step`` latent frames, each
+    conv exchanging the step's frames plus 2 causal ones; a spatial upsample exchanges 1 low-resolution row
+    with each neighbour after the 3-D upsamples doubled the frames of every step but the first."""
+    cfg = WanVAE38Config.tiny()
+    b, z, t_lat, h, w = latent_shape
+    n, along, longest, before, after, cols = _band(case, rank, h, w)
+    dims = [cfg.decoder_base_dim * m for m in (cfg.dim_mult[-1], *cfg.dim_mult[::-1])]
+    temporal = (*cfg.temporal_downsample[::-1], False)
+    fps = case.get("frames_per_step", 1)
+    steps = [1] + [min(fps, t_lat - 1 - k) for k in range(0, t_lat - 1, fps)]
+    halo = 0
+    for k, step in enumerate(steps):
+        frames, length = step, along
+
+        def conv3(channels):
+            return (before + after) * b * channels * (frames + 2) * (length + 2 * cols) * 4
+
+        halo += conv3(z) + 4 * conv3(dims[0])  # conv_in; mid: 2 resnets x 2 convs
+        for s in range(len(cfg.dim_mult)):
+            halo += conv3(dims[s]) + (2 * cfg.num_res_blocks + 1) * conv3(dims[s + 1])
+            if s != len(cfg.dim_mult) - 1:
+                if temporal[s] and k > 0:
+                    frames *= 2
+                halo += (before + after) * b * dims[s + 1] * frames * (length + 2 * cols) * 4  # upsample, low res
+                length *= 2
+        halo += conv3(dims[-1])  # conv_out
+    gather = t_lat * b * (n - 1) * longest * along * 2 * dims[0] * 4
+    if case["gather_output"]:
+        gather += b * 3 * (4 * (t_lat - 1) + 1) * longest * along * 256 * (n - 1) * 4
+    return halo, gather
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.get("expect_error")], ids=lambda c: c["name"])
+def test_bad_sharded_inputs_are_refused_on_every_rank(sharded_run, case):
     per_rank, _ = sharded_run
-    for rank in range(4):
-        assert "cannot split 3 latent rows" in per_rank[rank]["n4_too_few_rows"]["error"]
+    for rank in case["ranks"]:
+        error = per_rank[rank][case["name"]]["error"]
+        assert error is not None and case["message"] in error, (rank, error)
+
+
+def test_tile_thinner_than_its_halo_is_refused():
+    for message in run_distributed(thin_tile_halo, 2):
+        assert "thinner than its halo" in message, message

@@ -1,10 +1,12 @@
 """umT5 text embeddings the way Wan uses them: tokens up to 512, the encoder's last hidden state, and
 everything past the prompt's own tokens zeroed.
 
-A real run points ``model_path`` at an HF-layout umT5-XXL encoder, e.g. the ``text_encoder/`` folder of
-Wan-AI/Wan2.2-TI2V-5B-Diffusers, and ``tokenizer_path`` at its ``tokenizer/`` folder (google/umt5-xxl's
-tokenizer). The official ``models_t5_umt5-xxl-enc-bf16.pth`` of the non-diffusers release is not read: only
-the HF layout is supported. Nothing is downloaded; both paths must be local.
+``model_path`` is either an HF-layout umT5-XXL encoder, e.g. the ``text_encoder/`` folder of
+Wan-AI/Wan2.2-TI2V-5B-Diffusers (``tokenizer_path``: its ``tokenizer/`` folder), or the official release's
+``models_t5_umt5-xxl-enc-bf16.pth`` (``tokenizer_path``: the release's ``google/umt5-xxl/`` folder, the
+default when it sits beside the .pth). The .pth holds Wan's own T5 module names; ``official_umt5_to_hf``
+renames them onto transformers' UMT5EncoderModel, which computes the same encoder (relative-position buckets
+per layer, gated-GELU FFN, RMS norms without mean). Nothing is downloaded; both paths must be local.
 """
 
 from __future__ import annotations
@@ -23,13 +25,83 @@ def pad_text_embedding(embedding: torch.Tensor, length: int = TEXT_LENGTH) -> to
     return out
 
 
+# Wan's T5 block names -> transformers' UMT5 names (per block i; the FFN's gate is wi_0, fc1 is wi_1).
+_OFFICIAL_BLOCK_KEYS = {
+    "norm1.weight": "layer.0.layer_norm.weight",
+    "attn.q.weight": "layer.0.SelfAttention.q.weight",
+    "attn.k.weight": "layer.0.SelfAttention.k.weight",
+    "attn.v.weight": "layer.0.SelfAttention.v.weight",
+    "attn.o.weight": "layer.0.SelfAttention.o.weight",
+    "pos_embedding.embedding.weight": "layer.0.SelfAttention.relative_attention_bias.weight",
+    "norm2.weight": "layer.1.layer_norm.weight",
+    "ffn.gate.0.weight": "layer.1.DenseReluDense.wi_0.weight",
+    "ffn.fc1.weight": "layer.1.DenseReluDense.wi_1.weight",
+    "ffn.fc2.weight": "layer.1.DenseReluDense.wo.weight",
+}
+# Wan's umT5 buckets relative positions up to this distance (transformers' default too)
+_MAX_DISTANCE = 128
+
+
+def official_umt5_to_hf(state: dict) -> tuple[dict, dict]:
+    """(transformers UMT5EncoderModel state dict, its config kwargs) from the release's .pth state dict."""
+    if "token_embedding.weight" not in state or "norm.weight" not in state:
+        raise KeyError("not a Wan umT5 encoder state dict: token_embedding.weight / norm.weight missing "
+                       f"(first keys: {sorted(state)[:5]})")
+    layers = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    out = {"shared.weight": state["token_embedding.weight"], "encoder.final_layer_norm.weight": state["norm.weight"]}
+    for i in range(layers):
+        for src, dst in _OFFICIAL_BLOCK_KEYS.items():
+            key = f"blocks.{i}.{src}"
+            if key not in state:
+                raise KeyError(f"Wan umT5 state dict lacks {key!r}")
+            out[f"encoder.block.{i}.{dst}"] = state[key]
+    vocab, d_model = state["token_embedding.weight"].shape
+    buckets, heads = state["blocks.0.pos_embedding.embedding.weight"].shape
+    config = {"vocab_size": vocab, "d_model": d_model, "d_kv": state["blocks.0.attn.q.weight"].shape[0] // heads,
+              "d_ff": state["blocks.0.ffn.fc1.weight"].shape[0], "num_layers": layers, "num_heads": heads,
+              "relative_attention_num_buckets": buckets, "relative_attention_max_distance": _MAX_DISTANCE,
+              "feed_forward_proj": "gated-gelu", "pad_token_id": 0, "eos_token_id": 1}
+    return out, config
+
+
+def load_official_umt5(pth, dtype: torch.dtype = torch.bfloat16):
+    """transformers' UMT5EncoderModel holding the weights of the release's models_t5_umt5-xxl-enc-bf16.pth."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    pth = Path(pth)
+    if not pth.is_file():
+        raise FileNotFoundError(f"umT5 encoder weights not found: {pth}")
+    state, config = official_umt5_to_hf(torch.load(pth, map_location="cpu", weights_only=True, mmap=True))
+    with torch.device("meta"):
+        model = UMT5EncoderModel(UMT5Config(**config))
+    state["encoder.embed_tokens.weight"] = state["shared.weight"]  # tied in transformers
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
+    return model
+
+
+def official_umt5_state_dict(model) -> dict:
+    """The inverse of ``official_umt5_to_hf``: a UMT5EncoderModel's weights under Wan's names (for tests and
+    for writing a release-layout .pth)."""
+    sd = model.state_dict()
+    out = {"token_embedding.weight": sd["shared.weight"], "norm.weight": sd["encoder.final_layer_norm.weight"]}
+    for i in range(model.config.num_layers):
+        for src, dst in _OFFICIAL_BLOCK_KEYS.items():
+            out[f"blocks.{i}.{src}"] = sd[f"encoder.block.{i}.{dst}"]
+    return out
+
+
 class UMT5TextEncoder:
     def __init__(self, model_path, tokenizer_path=None, *, dtype: torch.dtype = torch.bfloat16, device="cpu",
                  max_length: int = TEXT_LENGTH):
         from transformers import AutoTokenizer, UMT5EncoderModel
 
+        model_path = Path(model_path)
+        if model_path.suffix == ".pth":
+            tokenizer_path = tokenizer_path or model_path.parent / "google" / "umt5-xxl"
+            self.model = load_official_umt5(model_path, dtype)
+        else:
+            self.model = UMT5EncoderModel.from_pretrained(str(model_path), dtype=dtype, local_files_only=True)
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path or model_path), local_files_only=True)
-        self.model = UMT5EncoderModel.from_pretrained(str(model_path), dtype=dtype, local_files_only=True)
         self.model = self.model.to(device).eval().requires_grad_(False)
         self.device, self.max_length = torch.device(device), max_length
 

@@ -44,6 +44,8 @@ class DiTBackend:
         """From a ``ParallelGroups`` and a ``DiTRuntime``; fails early when a requested kernel is missing."""
         check_backend(runtime.attention_backend)
         impl = fp8.check_mode(runtime.fp8, runtime.linear_impl, runtime.attention_backend, runtime.fp8_attention)
+        if impl == "auto" and groups.device.type != "cuda":
+            impl = "local"  # "auto" means TE only where the ranks compute on a GPU (gloo ranks on a GPU machine do not)
         mp_config = ModelParallelConfig(
             tensor_model_parallel_size=groups.tp, context_parallel_size=groups.cp,
             sequence_parallel=runtime.sequence_parallel and groups.tp > 1, params_dtype=runtime.dtype,

@@ -132,6 +132,13 @@ class WanDiT(nn.Module):
             if tuple(states.shape) != (b, frames, cfg.state_dim):
                 raise ValueError(f"states must be [B, T, state_dim] = [{b}, {frames}, {cfg.state_dim}] "
                                  f"({latents.shape[2]} latent frames), got {tuple(states.shape)}")
+        device = self.patch_embedding.weight.device
+        for name, t in (("latents", latents), ("timestep", timestep), ("text", text), ("states", states)):
+            if t is None:
+                continue
+            if t.device != device:
+                raise ValueError(f"{name} is on {t.device} but the model is on {device}: move the inputs "
+                                 f"to the model's device (model.groups.device) before calling it")
         return tuple(grid)
 
     def _shards(self, num_tokens: int) -> TokenShards:

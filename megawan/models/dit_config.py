@@ -54,7 +54,13 @@ class WanDiTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "WanDiTConfig":
-        """Accept megawan's own keys, the official release's config.json or diffusers' config.json."""
+        """Accept megawan's own keys, the official release's config.json or diffusers' config.json.
+
+        Release keys megawan implements one way only (``qk_norm``, ``window_size``, ...) must hold
+        that value; any other is refused, never ignored.
+        """
+        _check_fixed_release_keys(d)
+        d = {k: v for k, v in d.items() if not k.startswith("_") and k not in _IGNORED_RELEASE_KEYS}
         if "num_attention_heads" in d:  # diffusers WanTransformer3DModel
             d = {"dim": d["num_attention_heads"] * d["attention_head_dim"], "num_heads": d["num_attention_heads"],
                  "ffn_dim": d["ffn_dim"], "num_layers": d["num_layers"], "in_channels": d["in_channels"],
@@ -87,12 +93,17 @@ class WanDiTConfig:
         elif not p.exists():
             if str(name_or_path) in presets.names("dit"):
                 return cls.preset(str(name_or_path))
-            raise FileNotFoundError(f"no DiT config at {name_or_path!r} (neither a file, a checkpoint "
-                                    f"directory nor a preset: {presets.names('dit')})")
+            raise FileNotFoundError(
+                f"no DiT config at {name_or_path!r}: neither a file, a checkpoint directory nor a preset "
+                f"({presets.names('dit')}). Pass the local folder of a download (nothing is downloaded): the root "
+                f"of Wan-AI/Wan2.2-TI2V-5B, or the transformer/ folder of Wan-AI/Wan2.2-TI2V-5B-Diffusers "
+                f"(see the README's 'Released weights')")
         d = json.loads(p.read_text())
         d = d.get("dit", d)
-        return cls.from_dict({k: v for k, v in d.items() if not k.startswith("_")
-                              and k not in _IGNORED_RELEASE_KEYS})
+        try:
+            return cls.from_dict(d)
+        except ValueError as err:
+            raise ValueError(f"{p}: {err}") from None
 
     def _state_keys(self) -> dict:
         """megawan's own keys, written only for a state-conditioned model (the release has none)."""
@@ -114,11 +125,29 @@ class WanDiTConfig:
                 "rope_max_seq_len": 1024}
 
 
-# Release config keys that describe behaviour megawan implements fixed (validated elsewhere) or
-# that belong to the pipeline rather than the DiT.
-_IGNORED_RELEASE_KEYS = {"model_type", "window_size", "qk_norm", "cross_attn_norm", "rope_max_seq_len",
-                         "image_dim", "added_kv_proj_dim", "pos_embed_seq_len", "rope_max_seq_len",
-                         "_diffusers_version"}
+# Release config keys for behaviour megawan implements one way only: the values that behaviour has in
+# the official (first) and diffusers (second) spelling. Any other value describes another model
+# (windowed attention, no q/k or cross-attention norm, an I2V image branch) and is refused.
+_FIXED_RELEASE_KEYS = {
+    "qk_norm": (True, "rms_norm_across_heads"),
+    "cross_attn_norm": (True,),
+    "window_size": ([-1, -1],),
+    "image_dim": (None,),
+    "added_kv_proj_dim": (None,),
+    "pos_embed_seq_len": (None,),
+}
+# Keys that carry no architecture megawan needs: pipeline metadata, and rope_max_seq_len (the length of
+# diffusers' precomputed RoPE table; megawan computes RoPE for the actual grid).
+_IGNORED_RELEASE_KEYS = {"model_type", "rope_max_seq_len", "_diffusers_version", *_FIXED_RELEASE_KEYS}
+
+
+def _check_fixed_release_keys(d: dict) -> None:
+    for key, allowed in _FIXED_RELEASE_KEYS.items():
+        value = d.get(key, allowed[0])
+        value = list(value) if isinstance(value, tuple) else value
+        if value not in allowed:
+            raise ValueError(f"{key}={value!r} is not supported (megawan implements only "
+                             f"{' / '.join(repr(a) for a in allowed)}): this config describes another model")
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,10 @@ megatron-core assumes a GPU in three places that megawan reaches:
   CUDA type-name checks, wrapped around the optimizer's calls only; and its reshardable checkpoint load
   into torch's Adam, the fallback where neither Apex nor TE is installed (``torch_adam_reshardable_load``).
 
-``apply()`` installs CPU stand-ins for these. It is called by ``megawan.parallel_state.initialize``
-only when the ranks run on CPU and is idempotent; on a GPU machine nothing here is touched.
+``apply()`` installs CPU stand-ins for these. ``megawan.parallel_state.initialize`` calls it whenever
+the ranks run on CPU, including gloo ranks on a machine that has GPUs (``MEGAWAN_BACKEND=gloo``, the
+test harness's default): there megatron would otherwise allocate its gathers on ``cuda:0``. It is
+idempotent; a process whose ranks use CUDA never calls it.
 """
 
 from __future__ import annotations
@@ -86,9 +88,9 @@ class CpuRNGStatesTracker:
 
 
 def apply() -> None:
-    """Install the CPU stand-ins (only when CUDA is unavailable)."""
+    """Install the CPU stand-ins; call only in a process whose ranks compute on CPU."""
     global _APPLIED
-    if _APPLIED or torch.cuda.is_available():
+    if _APPLIED:
         return
     torch.cuda.current_device = lambda: torch.device("cpu")
     stream = _CpuStream()

@@ -54,3 +54,14 @@ def start_process_group(env: dict, backend: str, timeout_s: int) -> None:
         world_size=env["world_size"],
         timeout=datetime.timedelta(seconds=timeout_s),
     )
+
+
+STARTUP_ERROR_EXIT = 3  # launch/torchrun.sh keeps torchrun's child-failure report out for this status
+
+
+def startup_error(error: Exception, rank: int | None = None):
+    """A configuration problem is the same on every rank: say it once (rank 0), without tracebacks, and exit."""
+    rank = launch_env()["rank"] if rank is None else rank
+    if rank == 0:
+        print(f"FAIL: the job did not start: {type(error).__name__}: {error}", flush=True)
+    raise SystemExit(STARTUP_ERROR_EXIT)

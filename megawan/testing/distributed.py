@@ -1,7 +1,8 @@
 """Run a function on N local ranks, the way torchrun would, and collect results or failures.
 
 The same test runs with gloo on CPU everywhere and with NCCL (one rank per GPU) when
-``MEGAWAN_TEST_BACKEND=nccl`` is set on a machine with enough GPUs (see ``test_backend``).
+``MEGAWAN_TEST_BACKEND=nccl`` is set (see ``test_backend``: a test needing more GPUs than the
+machine has is skipped).
 A rank that raises or dies fails the call with its traceback or exit code; a hang fails it after
 ``timeout_s``.
 """
@@ -14,6 +15,7 @@ import queue as _queue
 import socket
 import time
 import traceback
+import unittest
 
 import torch
 import torch.distributed as dist
@@ -21,11 +23,20 @@ import torch.multiprocessing as mp
 
 
 def test_backend(world_size: int) -> str:
-    """'nccl' if requested via MEGAWAN_TEST_BACKEND=nccl and world_size GPUs exist, else 'gloo'."""
+    """The backend for ``world_size`` ranks: $MEGAWAN_TEST_BACKEND ('gloo', the default, or 'nccl').
+
+    NCCL needs one GPU per rank: with fewer, this raises ``unittest.SkipTest`` naming the shortfall
+    (pytest reports it as a skip), rather than quietly testing gloo instead of what was asked for.
+    """
     want = os.environ.get("MEGAWAN_TEST_BACKEND", "gloo")
-    if want == "nccl" and torch.cuda.is_available() and torch.cuda.device_count() >= world_size:
-        return "nccl"
-    return "gloo"
+    if want not in ("gloo", "nccl"):
+        raise ValueError(f"MEGAWAN_TEST_BACKEND must be 'gloo' or 'nccl', got {want!r}")
+    if want == "nccl":
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpus < world_size:
+            raise unittest.SkipTest(f"MEGAWAN_TEST_BACKEND=nccl: this test needs {world_size} GPUs, "
+                                    f"the machine has {gpus}")
+    return want
 
 
 def _free_port() -> int:
@@ -41,6 +52,7 @@ def _worker(rank, world_size, port, backend, fn, args, kwargs, results):
         MEGAWAN_BACKEND=backend,  # gloo keeps ranks on CPU even where some GPUs exist
     )
     torch.set_num_threads(1)
+    torch.backends.cudnn.allow_tf32 = False  # NCCL ranks: fp32 convs exact, as the 1e-5 tolerances assume
     try:
         result = fn(*args, **kwargs)
         # Serialise to bytes: tensors sent through a Queue use shared memory that dies with this rank.

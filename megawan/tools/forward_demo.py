@@ -5,7 +5,10 @@
 Each data-parallel rank reads a 1X clip, the ranks of a replica encode it with the spatially sharded
 VAE38, and the DiT runs forward + backward at the requested TP x CP layout with per-token timesteps
 (latent frame 0 clean at t = 0, as TI2V). Rank 0 repeats the same step on a 1-rank layout of the same
-weights and prints both losses, the output's relative difference and the gradient's. Weights are
+weights; rank 0 prints the report (losses, the output's relative difference, the gradients' of a replicated
+and of a TP-split parameter, worst over all ranks, and the bad input the reader skipped) and ends with one
+verdict line, PASS or FAIL and why (exit status 1 on FAIL). A startup error (a layout that breaks a rule, a
+missing data folder) is printed once, by rank 0, and the job exits with status 3. Weights are
 random (seeded; CPU initialisation gives identical full weights for every layout) unless
 --dit-checkpoint / --vae-checkpoint point to released ones.
 """
@@ -14,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import sys
 import time
 
 import torch
@@ -25,8 +30,35 @@ from megawan.data.world_model_1x.dataset import WorldModel1XConfig, WorldModel1X
 from megawan.models.dit import DiTRuntime, WanDiT
 from megawan.models.dit_config import WanDiTConfig
 from megawan.vae.model import WanVAE38, WanVAE38Config
-from megawan.parallel_state import ParallelGroups
+from megawan.parallel_state import LayoutError, ParallelGroups
+from megawan.parallel_state.launch import startup_error
 from megawan.parallel_state.grads import reduce_model_parallel_grads
+
+
+TOLERANCE = 1e-4  # relative, float32 on CPU: only the order of reductions differs from the single rank
+def _tp_split_grad(model: WanDiT, groups: ParallelGroups) -> tuple[str, torch.Tensor]:
+    """Name and full gradient of the first TP-split (stride 1) parameter, gathered over the TP group."""
+    name, p = next((n, p) for n, p in model.named_parameters()
+                   if getattr(p, "tensor_model_parallel", False) and getattr(p, "partition_stride", 1) == 1)
+    parts = [torch.empty_like(p.grad) for _ in range(groups.tp)]
+    dist.all_gather(parts, p.grad.contiguous(), group=groups.tp_group)
+    return name, torch.cat(parts, dim=p.partition_dim)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _verdict(reports: list[dict], layout: dict) -> str:
+    """One line for the whole job: the worst relative difference of every rank against its single-rank run."""
+    worst = {key: max(r[key] for r in reports) for key in ("loss_rel_diff", "velocity_rel_diff", "grad_rel_diff",
+                                                           "grad_tp_split_rel_diff")}
+    shown = ", ".join(f"{k} {v:.1e}" for k, v in worst.items())
+    what = f"TP{layout['tp']} x CP{layout['cp']} x DP{layout['dp']} step vs the single-rank run"
+    bad = [k for k, v in worst.items() if not v <= TOLERANCE]
+    if bad:
+        return f"FAIL: {what}: {', '.join(bad)} above the tolerance {TOLERANCE:.0e} ({shown})"
+    return f"PASS: {what} agree within {TOLERANCE:.0e} ({shown})"
 
 
 def _build_dit(args, groups) -> WanDiT:
@@ -66,10 +98,20 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    groups = parallel_state.initialize(args.tp, args.cp, vae_shards=args.tp * args.cp)
+    env_rank = parallel_state.launch_env()["rank"]
+    if env_rank != 0:  # every rank reads the same files: rank 0 alone names each bad one
+        logging.getLogger("megawan.data").setLevel(logging.ERROR)
+    try:
+        groups = parallel_state.initialize(args.tp, args.cp, vae_shards=args.tp * args.cp)
+    except LayoutError as e:
+        startup_error(e, env_rank)
     rank, dev = dist.get_rank(), groups.device
-    data = WorldModel1XDataset(WorldModel1XConfig(root=args.data, clip_frames=args.clip_frames,
-                                                  size=(args.size, args.size)))
+    try:
+        data = WorldModel1XDataset(WorldModel1XConfig(root=args.data, clip_frames=args.clip_frames,
+                                                      size=(args.size, args.size)))
+    except (FileNotFoundError, ValueError) as e:  # no data there, or no clip fits
+        parallel_state.destroy()
+        startup_error(e, rank)
     sample = data[groups.dp_rank % len(data)]
     torch.manual_seed(args.seed)
     vae = (WanVAE38.from_pretrained(args.vae_checkpoint, device=dev) if args.vae_checkpoint
@@ -87,26 +129,36 @@ def main(argv=None) -> dict:
     reduce_model_parallel_grads(dit, groups)
     t_dit = time.perf_counter() - t0
     grad = dit.patch_embedding.weight.grad.clone()  # replicated: complete after the reductions
+    split_name, split_grad = _tp_split_grad(dit, groups)
 
     single = _build_dit(args, ParallelGroups.single_rank(groups.device))
     v1, loss1 = _step(single, latents, noise, args.sigma, text)
     report = {
-        "rank": rank, "layout": {"tp": groups.tp, "cp": groups.cp, "dp": groups.dp,
+        "rank": rank, "dp_rank": groups.dp_rank, "layout": {"tp": groups.tp, "cp": groups.cp, "dp": groups.dp,
                                  "sequence_parallel": dit.sequence_parallel},
         "clip": {"shard": sample["shard"], "first_frame": sample["first_frame"]},
         "video": list(sample["video"].shape), "latents": list(latents.shape),
         "tokens": latents.shape[2] * latents.shape[3] * latents.shape[4] // dit.config.patch_features,
         "loss": loss.item(), "loss_single_rank": loss1.item(),
-        "velocity_rel_diff": ((v - v1).norm() / v1.norm()).item(),
-        "grad_rel_diff": ((grad - single.patch_embedding.weight.grad).norm()
-                          / single.patch_embedding.weight.grad.norm()).item(),
+        "loss_rel_diff": abs(loss.item() - loss1.item()) / abs(loss1.item()),
+        "velocity_rel_diff": _rel(v, v1),
+        "grad_rel_diff": _rel(grad, single.patch_embedding.weight.grad),  # replicated parameter
+        "grad_tp_split": split_name,
+        "grad_tp_split_rel_diff": _rel(split_grad, dict(single.named_parameters())[split_name].grad),
+        "bad_input_skipped": dict(data.report.counts),  # construction checks + clips replaced on this rank
         "seconds": {"vae_encode": round(t_vae, 3), "dit_step": round(t_dit, 3)},
     }
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, report)
+    report["verdict"] = _verdict(everyone, report["layout"])
+    # what each replica's reader skipped (ranks of one replica read the same clip: one entry per DP rank)
+    report["bad_input_skipped_by_dp_rank"] = {r["dp_rank"]: r["bad_input_skipped"] for r in everyone}
     if rank == 0:
-        print(json.dumps(report, indent=2, default=str))
+        print(json.dumps({k: v for k, v in report.items() if k != "verdict"}, indent=2, default=str))
+        print(report["verdict"], flush=True)
     parallel_state.destroy()
     return report
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(0 if main()["verdict"].startswith("PASS") else 1)

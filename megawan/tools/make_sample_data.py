@@ -70,6 +70,9 @@ def segment_lengths(rng: np.random.Generator, num_frames: int, min_len: int, max
     while sum(lengths) < num_frames:
         lengths.append(int(rng.integers(min_len, max_len + 1)))
     lengths[-1] -= sum(lengths) - num_frames
+    if len(lengths) > 1 and lengths[-1] < min_len:  # no cut-off tail shorter than a segment may be
+        tail = lengths.pop()
+        lengths[-1] += tail
     return lengths
 
 

@@ -20,7 +20,7 @@ import yaml
 
 from megawan.diffusion import FlowMatchingConfig
 
-PRESET_DIR = Path(__file__).resolve().parent / "presets"
+PRESET_DIR = Path(__file__).resolve().parents[1] / "presets" / "train"  # package data; configs/train links here
 
 
 class ConfigError(ValueError):
@@ -33,6 +33,7 @@ class RunSection:
     out_dir: str = "outputs/run"  # checkpoints/, logs (tensorboard, metrics.jsonl), resolved_config.yaml
     seed: int = 0
     steps: int = 100  # optimizer steps in all (a resumed run continues to this count)
+    exit_after_steps: int = 0  # stop (with a checkpoint) after this many steps in this process; 0 = off
 
 
 @dataclass
@@ -279,7 +280,8 @@ def _check_rules(cfg: TrainConfig) -> None:
     if cfg.optim.lr <= 0 or cfg.optim.min_lr < 0 or cfg.optim.min_lr > cfg.optim.lr:
         raise ConfigError(f"optim.lr must be > 0 and 0 <= optim.min_lr <= optim.lr "
                           f"(got {cfg.optim.lr}, {cfg.optim.min_lr})")
-    for key in ("checkpoint.every", "validation.every", "logging.every", "optim.warmup_steps"):
+    for key in ("checkpoint.every", "validation.every", "logging.every", "optim.warmup_steps",
+                "run.exit_after_steps"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:
             raise ConfigError(f"{key} must be >= 0")

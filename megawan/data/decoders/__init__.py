@@ -4,18 +4,21 @@
     frames = reader.get_frames([100, 102, 104])  # uint8 [T=3, H, W, 3], in the order asked
 
 Automatic choice, first importable wins: PyNvVideoCodec (GPU, only with CUDA), torchcodec, PyAV, decord.
+``MEGAWAN_DISABLE_DECODERS=torchcodec,decord`` makes the named backends count as not installed (CI uses it
+to run the data tests as on a machine without FFmpeg's shared libraries, where torchcodec cannot load).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
 from megawan.data.decoders import decord_reader, nvcodec_reader, pyav_reader, torchcodec_reader
 from megawan.data.decoders.base import VideoReader
 
-__all__ = ["VideoReader", "AUTO_ORDER", "available_backends", "resolve_backend", "open_video"]
+__all__ = ["VideoReader", "AUTO_ORDER", "available_backends", "disabled_backends", "resolve_backend", "open_video"]
 
 AUTO_ORDER = ("pynvvideocodec", "torchcodec", "pyav", "decord")
 
@@ -27,9 +30,26 @@ _MODULES = {
 }
 
 
+DISABLE_ENV = "MEGAWAN_DISABLE_DECODERS"
+
+
+def disabled_backends() -> set[str]:
+    """Backends named in MEGAWAN_DISABLE_DECODERS (comma-separated); an unknown name is an error."""
+    names = {n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()}
+    unknown = names - set(_MODULES)
+    if unknown:
+        raise ValueError(f"{DISABLE_ENV} names unknown decoder backends {sorted(unknown)}; "
+                         f"known: {', '.join(AUTO_ORDER)}")
+    return names
+
+
 @functools.cache
-def _is_available(name: str) -> bool:
+def _importable(name: str) -> bool:
     return _MODULES[name].is_available()
+
+
+def _is_available(name: str) -> bool:
+    return name not in disabled_backends() and _importable(name)
 
 
 def available_backends() -> list[str]:
@@ -46,6 +66,8 @@ def resolve_backend(name: str = "auto") -> str:
         return found[0]
     if name not in _MODULES:
         raise ValueError(f"unknown decoder backend {name!r}; choose from auto, {', '.join(AUTO_ORDER)}")
+    if name in disabled_backends():
+        raise RuntimeError(f"decoder backend {name!r} is disabled by {DISABLE_ENV}")
     if not _is_available(name):
         raise RuntimeError(f"decoder backend {name!r} is not importable here")
     return name

@@ -92,7 +92,8 @@ class PyAVReader(VideoReader):
                         continue  # a frame the demuxer did not list: ignore it
                     self._last = index
                     if index == target:
-                        out.append(frame.to_ndarray(format="rgb24"))
+                        # one swscale thread: a threaded conversion in the parent hangs forked loader workers
+                        out.append(frame.to_ndarray(format="rgb24", threads=1))
             except StopIteration:
                 self._frames = None
                 raise BadInputError(DECODE_ERROR, self.path, target, "stream ended before this frame") from None

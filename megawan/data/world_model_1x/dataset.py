@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -87,6 +88,7 @@ class WorldModel1XDataset(torch.utils.data.Dataset):
             raise ValueError(f"no clip of {config.clip_frames} frames (stride {config.frame_stride}) fits in "
                              f"{config.root}; bad input seen: {dict(self.report.counts)}")
         self._readers: OrderedDict[int, object] = OrderedDict()
+        self._readers_pid = os.getpid()
 
     def _check_shard(self, shard: Shard1X):
         try:
@@ -131,9 +133,17 @@ class WorldModel1XDataset(torch.utils.data.Dataset):
     def __getstate__(self):  # open readers stay in the process that opened them
         state = self.__dict__.copy()
         state["_readers"] = OrderedDict()
+        state.pop("_inherited_readers", None)
         return state
 
     def _reader(self, position: int):
+        if self._readers_pid != os.getpid():
+            # A forked loader worker inherited the parent's open readers, whose file offsets (and decoder
+            # threads) belong to the parent: using one corrupts reads on both sides. Open this process's own.
+            # The inherited ones are kept referenced, never used or closed: freeing a decoder here would
+            # join threads that exist only in the parent.
+            self._inherited_readers = self._readers
+            self._readers, self._readers_pid = OrderedDict(), os.getpid()
         reader = self._readers.pop(position, None)
         if reader is None:
             reader = open_video(self.shards[position].video, self.backend, num_threads=self.config.decode_threads)

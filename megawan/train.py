@@ -1,0 +1,70 @@
+"""Train Wan 2.2 TI2V-5B (or the tiny preset) with flow matching: ``python -m megawan.train``.
+
+    torchrun --nproc-per-node 4 -m megawan.train --config tiny_1x --parallel.tp 2 --parallel.cp 2
+    srun python -m megawan.train --config configs/train/ti2v5b_1x.yaml --run.out_dir runs/wm
+
+``--config`` is a YAML file or a preset name (configs/train/); ``--section.key VALUE`` overrides any key.
+A rerun with the same ``run.out_dir`` resumes from its newest complete checkpoint, in any layout.
+SIGTERM / SIGUSR1 write a checkpoint at the next step boundary and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import warnings
+
+# megatron-core announces its pure-torch fallbacks on every rank at import; they are expected on CPU.
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+
+from megawan import parallel_state  # noqa: E402
+from megawan.parallel_state import LayoutError  # noqa: E402
+from megawan.parallel_state.launch import launch_env, startup_error  # noqa: E402
+from megawan.training.config import ConfigError, load_config  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None):
+    p = argparse.ArgumentParser(prog="python -m megawan.train", description=__doc__.split("\n\n")[0],
+                                epilog="Any other --section.key VALUE overrides that key of the config.")
+    p.add_argument("--config", default="tiny_1x", help="YAML run config or preset name (default: tiny_1x)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return p.parse_known_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args, overrides = parse_args(argv)
+    rank = launch_env()["rank"]
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lists every parameter of every bucket
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        startup_error(e, rank)
+    if args.print_config:
+        from megawan.training.config import dump_config
+
+        if rank == 0:
+            print(dump_config(cfg), end="")
+        return None
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library notices, once per rank otherwise
+    from megawan.training.trainer import MemoryBudgetError, Trainer
+
+    try:
+        trainer = Trainer(cfg)
+    except (LayoutError, MemoryBudgetError, FileNotFoundError, ValueError) as e:
+        startup_error(e, rank)
+    result = trainer.fit()
+    if rank == 0:
+        out = cfg.run.out_dir
+        print(f"done: step {result['step']}, last loss {result.get('loss', float('nan')):.4f}\n"
+              f"  checkpoints: {out}/checkpoints (latest {result['checkpoint']})\n"
+              f"  logs:        {out}/logs/metrics.jsonl, TensorBoard: tensorboard --logdir {out}/logs/tensorboard\n"
+              f"  config:      {out}/resolved_config.yaml\n"
+              f"  resume/extend: rerun the same command (add --run.steps N to train further)", flush=True)
+    parallel_state.destroy()
+    return result
+
+
+if __name__ == "__main__":
+    main()

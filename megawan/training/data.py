@@ -1,0 +1,144 @@
+"""Training batches: 1X clips encoded on the fly by the sharded VAE38, or latents from the latent cache.
+
+Every rank of one model replica (its TP x CP ranks) reads the same clips: the sampler is keyed by the
+data-parallel rank alone. On the fly, the replica's ranks share each VAE encode (each encodes one band of
+rows, ``groups.vae_group``). Text comes precomputed (umT5 runs offline): the cache's per-sample
+embeddings, or the world model's one empty-prompt embedding (``data.empty_prompt``); without one the
+text is all padding (zeros), as for a model trained without prompts.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from megawan.data.latent_cache import EMPTY_PROMPT, LatentCacheDataset
+from megawan.data.loader import ClipLoader
+from megawan.data.sampler import DistributedClipSampler
+from megawan.data.text_encoder import pad_text_embedding
+from megawan.data.world_model_1x import WorldModel1XConfig, WorldModel1XDataset
+from megawan.vae import WanVAE38, WanVAE38Config
+
+logger = logging.getLogger("megawan.train")
+
+SOURCE_SIZE_1X = (512, 512)
+
+
+@dataclass
+class Batch:
+    """One micro-batch on the compute device: latents [B, 48, F, h, w] fp32, text [B, 512, D], states or None."""
+
+    latents: torch.Tensor
+    text: torch.Tensor
+    states: torch.Tensor | None
+
+    @property
+    def size(self) -> int:
+        return self.latents.shape[0]
+
+
+def latent_shape(data_cfg) -> tuple[int, int, int]:
+    """(F, h, w) of the latents one sample of this config gives (before any data is read)."""
+    if data_cfg.source == "cache":
+        import json
+
+        meta = json.loads((Path(data_cfg.root) / "index.json").read_text())
+        return tuple(meta["latent_shape"][1:])
+    h, w = data_cfg.size or SOURCE_SIZE_1X
+    return (data_cfg.clip_frames - 1) // 4 + 1, h // 16, w // 16
+
+
+def _load_empty_prompt(path: str | None, text_dim: int, text_len: int) -> torch.Tensor:
+    if path is None:
+        return torch.zeros(text_len, text_dim)
+    with safe_open(str(path), "pt") as f:
+        emb = f.get_tensor("text_embeds").float()
+    if emb.ndim != 2 or emb.shape[1] != text_dim:
+        raise ValueError(f"{path}: text_embeds must be [L, {text_dim}] for this model, got {tuple(emb.shape)}")
+    return pad_text_embedding(emb, text_len)
+
+
+def build_vae(data_cfg, device) -> WanVAE38:
+    if data_cfg.vae in ("tiny",):
+        torch.manual_seed(0)  # the same random tiny VAE on every rank and every run
+        return WanVAE38(WanVAE38Config.preset(data_cfg.vae)).to(device).eval()
+    return WanVAE38.from_pretrained(data_cfg.vae, device=device).eval()
+
+
+def build_dataset(data_cfg, root: str | None = None):
+    root = root or data_cfg.root
+    if data_cfg.source == "cache":
+        return LatentCacheDataset(root)
+    return WorldModel1XDataset(WorldModel1XConfig(
+        root=root, clip_frames=data_cfg.clip_frames, frame_stride=data_cfg.frame_stride,
+        window_hop=data_cfg.window_hop, size=tuple(data_cfg.size) if data_cfg.size else None,
+        backend=data_cfg.backend, bad_input=data_cfg.bad_input))
+
+
+class TrainingData:
+    """The loader of this rank's clips and their conversion into ``Batch`` es (the VAE call is collective)."""
+
+    def __init__(self, data_cfg, groups, *, text_dim: int, text_len: int, seed: int, with_states: bool):
+        self.cfg, self.groups, self.with_states = data_cfg, groups, with_states
+        self.dataset = build_dataset(data_cfg)
+        self.sampler = DistributedClipSampler(len(self.dataset), dp_rank=groups.dp_rank, dp_size=groups.dp,
+                                              seed=seed)
+        self.loader = ClipLoader(self.dataset, self.sampler, batch_size=data_cfg.batch_size,
+                                 num_workers=data_cfg.num_workers)
+        self.vae = build_vae(data_cfg, groups.device) if data_cfg.source == "1x" else None
+        empty = data_cfg.empty_prompt
+        if empty is None and data_cfg.source == "cache" and (Path(data_cfg.root) / EMPTY_PROMPT).exists():
+            empty = str(Path(data_cfg.root) / EMPTY_PROMPT)
+        if empty is None:
+            logger.info("no empty-prompt embedding given (data.empty_prompt): empty text is all padding")
+        self.empty_text = _load_empty_prompt(empty, text_dim, text_len)
+        self._iter = None
+
+    def batches(self):
+        """Endless micro-batches, epoch after epoch (the loader's position is in ``state_dict``)."""
+        while True:
+            for raw in self.loader:
+                yield self.to_batch(raw)
+
+    def to_batch(self, raw: dict) -> Batch:
+        dev = self.groups.device
+        if self.vae is not None:
+            with torch.no_grad():
+                video = raw["video"].to(dev, self.vae_dtype)
+                latents = self.vae.encode(video, self.groups.vae_group if self.groups.tp * self.groups.cp > 1
+                                          else None, gather_output=True).float()
+        else:
+            latents = raw["latents"].to(dev).float()
+        n = latents.shape[0]
+        if "text_embeds" in raw:
+            text = raw["text_embeds"].to(dev).float()
+        else:
+            text = self.empty_text.to(dev)[None].expand(n, -1, -1).contiguous()
+        states = raw["states"].to(dev).float() if self.with_states and "states" in raw else None
+        if self.with_states and states is None:
+            raise ValueError("model.state_dim > 0 but the data has no robot states (use the 1X source or a 1X cache)")
+        return Batch(latents, text, states)
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    @property
+    def skip_counts(self) -> dict:
+        return dict(self.loader.skip_counts)
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+
+
+def validation_clips(num_items: int, num_clips: int) -> list[int]:
+    """Fixed held-out items, spread over the split: the same every run and every layout."""
+    return sorted(set(np.linspace(0, num_items - 1, num=min(num_clips, num_items)).round().astype(int).tolist()))

@@ -1,0 +1,187 @@
+"""The trainer: parallel equals single-process, exact resume, resharded resume, crash-safe checkpoints,
+signals, dead ranks, NaN batches and bad configs.
+
+Tolerances (fp32 on CPU): a TP2 x CP2 step reorders reductions only, so its loss is within 1e-5 of the
+single-process loss (relative). After a few Adam steps the weights are compared per tensor relative to the
+tensor's norm, bound 1e-4: Adam divides by sqrt(v) and so amplifies rounding in elements whose gradient is
+near zero; the measured worst case is recorded beside the bound.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import os
+import signal
+
+import pytest
+
+from megawan.testing import run_distributed
+from megawan.tools.make_sample_data import make_sample_data
+from megawan.training.config import ConfigError, load_config
+from tests import _train_workers as w
+
+LOSS_TOL = 1e-5
+WEIGHT_TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sample_1x")
+    make_sample_data(root)
+    return root / "train_v2.0_raw"
+
+
+def _rel(a, b) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _max_param_err(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max(_rel(a[k], b[k]) for k in a)
+
+
+def test_tp2_cp2_training_matches_single_process(data_root, tmp_path):
+    steps = 3
+    one = run_distributed(w.train, 1, w.tiny_overrides(data_root, tmp_path / "one", **{
+        "run.steps": steps, "parallel.tp": 1, "parallel.cp": 1}))[0]
+    four = run_distributed(w.train, 4, w.tiny_overrides(data_root, tmp_path / "four", **{
+        "run.steps": steps, "parallel.tp": 2, "parallel.cp": 2}))[0]
+    assert len(one["losses"]) == len(four["losses"]) == steps
+    assert abs(four["losses"][0] - one["losses"][0]) <= LOSS_TOL * abs(one["losses"][0])
+    for a, b in zip(four["losses"], one["losses"]):
+        assert abs(a - b) <= 10 * LOSS_TOL * abs(b), (four["losses"], one["losses"])
+    err = _max_param_err(four["params"], one["params"])
+    assert err <= WEIGHT_TOL, err
+    # the weights did move: the comparison is not between two copies of the initial model
+    assert one["result"]["grad_norm"] > 0
+
+
+def test_resume_is_bitwise_equal_to_a_straight_run(data_root, tmp_path):
+    straight = run_distributed(w.train, 2, w.tiny_overrides(data_root, tmp_path / "a", **{
+        "run.steps": 4, "parallel.tp": 2, "parallel.cp": 1}))[0]
+    split = w.tiny_overrides(data_root, tmp_path / "b", **{"run.steps": 4, "parallel.tp": 2, "parallel.cp": 1,
+                                                          "run.exit_after_steps": 2})
+    first = run_distributed(w.train, 2, split)[0]
+    assert first["result"]["step"] == 2 and os.path.isdir(tmp_path / "b" / "checkpoints" / "step_00000002")
+    second = run_distributed(w.train, 2, split)[0]
+    assert second["result"]["step"] == 4
+    assert second["losses"] == straight["losses"]  # metrics.jsonl appends: steps 1-2 then 3-4
+    for k, v in straight["params"].items():
+        assert (second["params"][k] == v).all(), k
+
+
+@pytest.mark.parametrize("tp,cp,world", [(1, 2, 4), (4, 1, 4)])
+def test_resume_into_another_layout(data_root, tmp_path, tp, cp, world):
+    """Saved at TP2 x CP1 x DP2; resumed at TP1 x CP2 x DP2 and TP4 x DP1 (same global batch of 2)."""
+    base = {"run.steps": 3, "parallel.tp": 2, "parallel.cp": 1}
+    straight = run_distributed(w.train, 4, w.tiny_overrides(data_root, tmp_path / "straight", **base))[0]
+    run_distributed(w.train, 4, w.tiny_overrides(data_root, tmp_path / "re", **base, **{"run.exit_after_steps": 2}))
+    batch = 2 // (world // (tp * cp))
+    resumed = run_distributed(w.train, world, w.tiny_overrides(data_root, tmp_path / "re", **{
+        "run.steps": 3, "parallel.tp": tp, "parallel.cp": cp, "data.batch_size": batch}))[0]
+    assert resumed["result"]["step"] == 3
+    assert abs(resumed["losses"][-1] - straight["losses"][-1]) <= LOSS_TOL * abs(straight["losses"][-1])
+    # the step after the resume used the restored Adam moments: the weights follow the straight run
+    assert _max_param_err(resumed["params"], straight["params"]) <= WEIGHT_TOL
+
+
+def test_a_rank_killed_during_a_checkpoint_write_leaves_the_last_one_loadable(data_root, tmp_path, caplog):
+    over = w.tiny_overrides(data_root, tmp_path / "run", **{"run.steps": 4, "parallel.tp": 2, "parallel.cp": 1,
+                                                           "checkpoint.every": 1})
+    os.environ["MEGAWAN_DIST_TIMEOUT_S"] = "20"
+    try:
+        with pytest.raises(RuntimeError, match="rank 1 exited with code -9"):
+            run_distributed(w.die_in_second_save, 2, over, timeout_s=300, grace_s=2)
+    finally:
+        del os.environ["MEGAWAN_DIST_TIMEOUT_S"]
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert ckpts == [".tmp-step_00000002", "step_00000001"], ckpts
+    again = run_distributed(w.train, 2, over)[0]
+    assert again["result"]["step"] == 4
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert ".tmp-step_00000002" not in names and "step_00000004" in names
+    first_losses = [json.loads(line) for line in open(tmp_path / "run" / "logs" / "metrics.jsonl")]
+    assert [r["step"] for r in first_losses if r["kind"] == "train"] == [1, 2, 2, 3, 4]  # step 2 redone
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_checkpoints_and_the_resume_continues(data_root, tmp_path, signum):
+    over = w.tiny_overrides(data_root, tmp_path / "run", **{"run.steps": 5, "parallel.tp": 2, "parallel.cp": 1})
+    stopped = run_distributed(w.train_with_signal, 2, over, 2, signum)[0]
+    assert stopped["result"]["preempted"] and stopped["result"]["step"] == 2
+    assert os.path.isdir(tmp_path / "run" / "checkpoints" / "step_00000002")
+    resumed = run_distributed(w.train, 2, over, False)[0]
+    assert resumed["result"]["step"] == 5 and not resumed["result"]["preempted"]
+    assert len(resumed["losses"]) == 5  # 2 before the signal, 3 after
+
+
+def test_a_dead_rank_ends_the_others_within_the_collective_timeout(data_root, tmp_path):
+    over = w.tiny_overrides(data_root, tmp_path / "run", **{"run.steps": 6, "parallel.tp": 2, "parallel.cp": 1})
+    os.environ["MEGAWAN_DIST_TIMEOUT_S"] = "30"
+    try:
+        with pytest.raises(RuntimeError, match="rank 1 exited with code 3"):
+            run_distributed(w.die_at_step, 2, over, 2, str(tmp_path / "rank0.json"), timeout_s=300, grace_s=90)
+    finally:
+        del os.environ["MEGAWAN_DIST_TIMEOUT_S"]
+    report = json.loads((tmp_path / "rank0.json").read_text())
+    assert report["outcome"] != "completed" and report["seconds"] < 60, report
+
+
+def test_nan_batches_are_skipped_counted_then_stop_the_run(data_root, tmp_path):
+    over = w.tiny_overrides(data_root, tmp_path / "run", **{"parallel.tp": 2, "parallel.cp": 1,
+                                                           "optim.max_nonfinite_in_a_row": 3})
+    r = run_distributed(w.nan_batches, 2, over, 3)[0]
+    assert r["moved_by_good"] and r["unchanged_by_nan"]
+    assert [o["skipped_nonfinite"] for o in r["outcomes"][:2]] == [1, 1]
+    assert "TrainingError: 3 steps in a row had a non-finite loss" in r["outcomes"][2]
+    assert r["nonfinite_total"] == 3
+
+
+@pytest.mark.parametrize("override,message", [
+    (["--optim.lrr", "1"], "unknown config key optim.lrr"),
+    (["--optim.lr", "fast"], "optim.lr: expected float"),
+    (["--model.dtype", "fp16"], "model.dtype: must be one of"),
+    (["--data.clip_frames", "16"], "data.clip_frames must be 4n + 1"),
+    (["--objective.clean_frames", "9"], "objective.clean_frames=9 leaves nothing to predict"),
+    (["--objective.sigma_sampler", "cosine"], "objective: sigma_sampler must be one of"),
+    (["--parallel.tp"], "override --parallel.tp has no value"),
+    (["--tp", "2"], "use --section.key"),
+])
+def test_a_bad_config_is_refused_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("tiny_1x", override)
+
+
+def test_a_bad_layout_is_refused_before_any_compute(capsys):
+    from megawan import train
+
+    with pytest.raises(SystemExit) as e:
+        train.main(["--config", "tiny_1x", "--parallel.tp", "3"])
+    assert e.value.code == 3
+    assert "world size 1 is not divisible by tp=3 x cp=2" in capsys.readouterr().out
+
+
+def test_the_5b_on_a_24_gib_host_is_refused_naming_the_figures(monkeypatch):
+    from megawan.training import trainer
+
+    import torch
+
+    # the preset's model and sample shape, without the released files (no download here)
+    cfg = load_config("ti2v5b_1x", {"model": {"init": None, "dit": "wan2.2-ti2v-5b",
+                                              "activation_checkpointing": False},
+                                    "data": {"source": "1x", "size": [512, 512]}, "parallel": {"cp": 4}})
+    monkeypatch.setattr(trainer, "device_capacity_bytes", lambda device: 24 * 2**30 / 4)
+    with pytest.raises(trainer.MemoryBudgetError) as e:
+        trainer.check_memory(cfg, trainer.model_config(cfg), 4, torch.device("cpu"))
+    msg = str(e.value)
+    assert "tp=1 x cp=4 on 4 ranks needs about" in msg and "weights" in msg and "optimizer" in msg
+    assert "more than the 6.0 GiB this rank has" in msg and "no layout of these ranks fits" in msg
+    # the same model on 80 GB GPUs: refused at cp=1 without checkpointing, naming the smallest layout that fits
+    monkeypatch.setattr(trainer, "device_capacity_bytes", lambda device: 80e9)
+    cfg1 = load_config("ti2v5b_1x", {"model": {"init": None, "dit": "wan2.2-ti2v-5b",
+                                               "activation_checkpointing": False},
+                                     "data": {"source": "1x", "size": [512, 512]}, "parallel": {"cp": 1}})
+    with pytest.raises(trainer.MemoryBudgetError, match="88.8 GiB .* a layout that fits: --parallel.tp 1 "
+                                                        "--parallel.cp 2$"):
+        trainer.check_memory(cfg1, trainer.model_config(cfg1), 8, torch.device("cpu"))
