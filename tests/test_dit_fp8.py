@@ -20,7 +20,7 @@ from megawan.layers.backend import DiTBackend
 from megawan.layers.rope import rope_tables
 from megawan.models.dit import DiTRuntime, WanBlock, WanDiT
 from megawan.testing import run_distributed
-from tests.dit_fixtures import TINY, make_case, rel_err
+from tests.dit_fixtures import TINY, make_case, model_output, rel_err
 
 NATIVE = ("native-tensorwise", "native-rowwise")
 BLOCK_FWD_BOUND = 0.08
@@ -28,6 +28,15 @@ GRAD_BOUND = {"native-tensorwise": 0.13, "native-rowwise": 0.10}
 MODEL_BOUND = 0.04
 BLOCK_GEMMS = ("self_attn.qkv", "self_attn.o", "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o",
                "ffn.fc1", "ffn.fc2")
+
+
+def _device() -> torch.device:
+    """Where single-process models live (cuda:0 on a GPU node): inputs go there, results come back."""
+    return parallel_state.get_groups().device
+
+
+def _on(device, *tensors):
+    return tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in tensors)
 
 
 def _runtime(fp8="off", **kw):
@@ -73,13 +82,14 @@ def _run_block(mode, state, case, weight):
     """The block's update (out - x), the gradients of sum(update * weight) for x, the context and weights."""
     torch.manual_seed(0)
     backend = DiTBackend.build(parallel_state.get_groups(), _runtime(mode))
-    block = WanBlock(TINY, backend, torch.bfloat16)
+    block = WanBlock(TINY, backend, torch.bfloat16).to(_device())
     block.load_state_dict(state)
-    x, e0, context, cos, sin, n = case
+    x, e0, context, cos, sin, n = _on(_device(), *case)
     x, context = x.clone().requires_grad_(True), context.clone().requires_grad_(True)
     update = block(x, e0, context, cos, sin, n) - x
-    (update * weight).sum().backward()
-    return update.detach(), x.grad, context.grad, {k: p.grad.float() for k, p in block.named_parameters()}
+    (update * weight.to(update.device)).sum().backward()
+    return (update.detach().cpu(), x.grad.cpu(), context.grad.cpu(),
+            {k: p.grad.float().cpu() for k, p in block.named_parameters()})
 
 
 @pytest.mark.parametrize("mode", NATIVE)
@@ -102,7 +112,7 @@ def test_fp8_covers_the_block_gemms_and_nothing_else(mode, monkeypatch):
     calls = []
     real = torch._scaled_mm
     monkeypatch.setattr(torch, "_scaled_mm", lambda a, b, **kw: calls.append(a.shape) or real(a, b, **kw))
-    x, t, text = make_case(2, 4, 4, per_token=True, batch=1)
+    x, t, text = _on(_device(), *make_case(2, 4, 4, per_token=True, batch=1))
     outs = {}
     for edge in (0, 1):
         torch.manual_seed(0)
@@ -131,8 +141,8 @@ def test_fp8_block_compiles_without_graph_breaks():
     case = _block_case(h=2, w=2)
     torch.manual_seed(0)
     block = WanBlock(TINY, DiTBackend.build(parallel_state.get_groups(), _runtime("native-tensorwise")),
-                     torch.bfloat16)
-    x, e0, context, cos, sin, n = case
+                     torch.bfloat16).to(_device())
+    x, e0, context, cos, sin, n = _on(_device(), *case)
     results = []
     for fn in (block, torch.compile(block, backend="aot_eager", fullgraph=True)):
         xx = x.clone().requires_grad_(True)
@@ -200,15 +210,17 @@ def _train(mode: str, steps: int, model=None):
     master = [p.detach().float().clone().requires_grad_(True) for p in params]
     opt = torch.optim.AdamW(master, lr=2e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(7)
+    dev = _device()
     x0 = torch.randn(2, TINY.in_channels, 3, 4, 4, generator=g)
-    text = make_case(3, 4, 4, per_token=False)[2]
+    text = make_case(3, 4, 4, per_token=False)[2].to(dev)
     clean = torch.tensor([1, 1])
     cfg = fm.FlowMatchingConfig()
     losses = []
     for _ in range(steps):
         noise = torch.randn(x0.shape, generator=g)
         sigma = fm.sample_sigmas(2, cfg, g)
-        pred = model(fm.noisy_latents(x0, noise, sigma, clean), fm.token_timesteps(sigma, clean, (3, 2, 2)), text)
+        x_t, t = fm.noisy_latents(x0, noise, sigma, clean), fm.token_timesteps(sigma, clean, (3, 2, 2))
+        pred = model(x_t.to(dev), t.to(dev), text).cpu()
         loss = fm.flow_matching_loss(pred, x0, noise, clean)
         model.zero_grad(set_to_none=True)
         loss.backward()
@@ -250,9 +262,8 @@ def test_checkpoints_move_between_fp8_and_bf16_runs(tmp_path):
     fp8_model.save_pretrained(tmp_path / "fp8")
     bf16_model = WanDiT.from_pretrained(tmp_path / "fp8", dtype=torch.bfloat16, runtime=_runtime())
     assert _same_state(fp8_model.state_dict(), bf16_model.state_dict())
-    x, t, text = make_case(2, 4, 4, per_token=True)
-    with torch.no_grad():
-        assert 0 < rel_err(fp8_model(x, t, text), bf16_model(x, t, text)) < MODEL_BOUND
+    case = make_case(2, 4, 4, per_token=True)
+    assert 0 < rel_err(model_output(fp8_model, case), model_output(bf16_model, case)) < MODEL_BOUND
     _train("off", 2, bf16_model.train())  # the bf16 run goes on, then hands back to FP8
     bf16_model.save_pretrained(tmp_path / "bf16")
     back = WanDiT.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16, runtime=_runtime("native-tensorwise"))
