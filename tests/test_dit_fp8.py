@@ -136,6 +136,18 @@ def test_fp8_covers_the_block_gemms_and_nothing_else(mode, monkeypatch):
     assert 0 < rel_err(outs[0], bf16) < MODEL_BOUND
 
 
+def test_fp8_with_activation_checkpointing_is_bitwise_the_same():
+    """Recomputation recomputes the same dynamic scales: grads equal those of the stored activations."""
+    case = _on(_device(), *make_case(2, 4, 4, per_token=True, batch=1))
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = WanDiT(TINY, runtime=_runtime("native-rowwise", activation_checkpointing=ckpt)).train()
+        model(*case).float().square().mean().backward()
+        grads.append([p.grad for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
 def test_fp8_block_compiles_without_graph_breaks():
     """torch.compile (dynamo + AOT autograd, fullgraph) traces the FP8 linears: same numbers as eager."""
     case = _block_case(h=2, w=2)
