@@ -5,7 +5,12 @@
 # 2. the fast paths on one GPU: Transformer Engine linears and flash-attn/TE attention vs the
 #    local/torch paths (bf16), when those packages are installed;
 # 3. bench/bench_dit_block_gpu.py at 5,120 and 27,280 tokens;
-# 4. the VAE decode benchmark at full width, 121 x 704 x 1280, one GPU.
+# 4. the VAE decode benchmark at full width, 121 x 704 x 1280, one GPU;
+# 5. FP8 (issue 14): the native FP8 GEMM against brute force on CUDA (kernel layout / padding / both
+#    scalings), the tiny DiT's FP8 forward + backward against bf16 on CUDA, then
+#    bench/bench_dit_fp8_gpu.py: bf16 vs FP8 block at 5,120 and 27,280 tokens and the full 5B
+#    forward + backward, side by side (then the block under torch.compile). The native path needs torchao: carry its wheel
+#    (bash ../shared/device/fetch_wheels.sh torchao==0.18.0, then install .whl/*.whl as that script says).
 # Not yet run: no session so far had a GPU machine.
 # Each step logs its output and the script carries on past a failing step, so one run says everything;
 # the script's exit status is non-zero when any step failed.
@@ -67,4 +72,40 @@ print("fast paths OK")
 PY
 step block_bench python bench/bench_dit_block_gpu.py --tokens 5120 27280
 step vae_decode python bench/bench_vae_memory.py --frames 121 --height 704 --width 1280 --shards 1
+step fp8_cuda python - <<'PY'
+import torch
+from megawan.layers import fp8
+from megawan.models.dit import DiTRuntime, WanDiT, WanDiTConfig
+dev = torch.device("cuda")
+g = torch.Generator(device=dev).manual_seed(0)
+def deq(x, dtype, rowwise):
+    amax = x.abs().amax(dim=-1, keepdim=True) if rowwise else x.abs().amax()
+    s = torch.exp2(torch.floor(torch.log2(torch.finfo(dtype).max / amax.double())))
+    return (x.double() * s).to(dtype).double() / s
+for rowwise, gdt in ((False, fp8.E5M2), (True, fp8.E4M3)):
+    for m, k, n in ((256, 3072, 9216), (40, 1000, 64)):  # k = 1000: the inner-dim padding
+        a = torch.randn(m, k, device=dev, generator=g, dtype=torch.bfloat16)
+        b = torch.randn(k, n, device=dev, generator=g, dtype=torch.bfloat16)
+        for adt in (fp8.E4M3, gdt):
+            out = fp8.fp8_mm(a, b, adt, fp8.E4M3, rowwise, torch.bfloat16).double()
+            ref = deq(a.float(), adt, rowwise) @ deq(b.t().float(), fp8.E4M3, rowwise).t()
+            print("fp8_mm rowwise" if rowwise else "fp8_mm tensorwise", adt, (m, k, n),
+                  "rel diff vs brute force (bf16 output):", ((out - ref).norm() / ref.norm()).item())
+cfg = WanDiTConfig.preset("tiny")
+x = torch.randn(1, 48, 3, 8, 8, device=dev); t = torch.full((1,), 700.0, device=dev)
+text = torch.randn(1, 512, cfg.text_dim, device=dev)
+res = {}
+for mode in ("off", "native-tensorwise", "native-rowwise"):
+    torch.manual_seed(0)
+    m = WanDiT(cfg, runtime=DiTRuntime(dtype=torch.bfloat16, linear_impl="local", attention_backend="torch", fp8=mode)).train()
+    xx = x.clone().requires_grad_(True)
+    out = m(xx, t, text); out.float().square().mean().backward()
+    res[mode] = (out.detach().float(), xx.grad.float())
+    if mode != "off":
+        print(mode, "tiny DiT on CUDA, rel err vs bf16: output", ((res[mode][0] - res["off"][0]).norm() / res["off"][0].norm()).item(),
+              "latent grad", ((res[mode][1] - res["off"][1]).norm() / res["off"][1].norm()).item(), "(CPU test bound 0.04)")
+PY
+step fp8_bench python bench/bench_dit_fp8_gpu.py --tokens 5120 27280
+# last: compiling every mode at two shapes takes minutes; the eager figures above are already logged
+step fp8_bench_compiled python bench/bench_dit_fp8_gpu.py --tokens 5120 27280 --no-model --compile --iters 5
 exit $FAILED

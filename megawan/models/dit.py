@@ -14,7 +14,6 @@ from dataclasses import replace
 import torch
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from megawan import parallel_state
 from megawan.checkpoint.dit_io import load_dit_weights, save_dit_weights
@@ -55,6 +54,11 @@ class WanBlock(nn.Module):
         return x + self.ffn(h).float() * gate2
 
 
+def _run_block(block: WanBlock, backend: DiTBackend, *args):
+    with backend.block_context():
+        return block(*args)
+
+
 class WanDiT(nn.Module):
     """Wan 2.2 DiT for one TP x CP x DP layout.
 
@@ -81,8 +85,11 @@ class WanDiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.state_embedding = (StateEmbedding(config.state_dim, config.frames_per_latent, d)
                                 if config.state_dim else None)
-        self.blocks = nn.ModuleList(WanBlock(config, self.backend, rt.dtype)
-                                    for _ in range(config.num_layers))
+        # Each block's backend: the model's, or the same with FP8 off for the first / last fp8_bf16_blocks.
+        n, edge = config.num_layers, rt.fp8_bf16_blocks
+        self._block_backends = [self.backend.high_precision() if i < edge or i >= n - edge else self.backend
+                                for i in range(n)]
+        self.blocks = nn.ModuleList(WanBlock(config, b, rt.dtype) for b in self._block_backends)
         self.head = WanHead(d, config.out_channels * config.patch_features, config.eps)
         self._tag_replicated_params()
         self.to(groups.device)
@@ -196,11 +203,12 @@ class WanDiT(nn.Module):
         cos, sin = rope_tables(self.config.head_dim, grid, start, end, shards.num_tokens,
                                self.config.rope_theta, device=x.device)
         with self.backend.fp8_autocast():
-            for block in self.blocks:
+            for block, backend in zip(self.blocks, self._block_backends):
+                args = (block, backend, x, e0, context, cos, sin, shards.num_tokens)
                 if self.runtime.activation_checkpointing and self.training:
-                    x = checkpoint(block, x, e0, context, cos, sin, shards.num_tokens, use_reentrant=False)
+                    x = self.backend.checkpoint(_run_block, *args)
                 else:
-                    x = block(x, e0, context, cos, sin, shards.num_tokens)
+                    x = _run_block(*args)
         out = shards.gather(self.head(x, e))[: shards.num_tokens]
         return self._unpatchify(out, grid)
 

@@ -161,6 +161,12 @@ class DiTRuntime:
     attention_backend: "auto" | "torch" | "flash" | "te".
     activation_checkpointing: recompute each block in backward.
     init_weights: initialise the parallel linears (off when weights are loaded right after).
+    fp8: FP8 GEMMs in the blocks' linears (self-attention q/k/v and o, cross-attention q, k, v and o,
+        FFN fc1 and fc2): "off" | "native-tensorwise" | "native-rowwise" (torch._scaled_mm, runs
+        everywhere) | "te-delayed" | "te-current" (Transformer Engine). See megawan/layers/fp8.py.
+        Embeddings, modulation and head stay in high precision; master weights and checkpoints too.
+    fp8_bf16_blocks: keep the first and the last N blocks' GEMMs in ``dtype`` (0: every block in FP8).
+    fp8_attention: TE's FP8 dot-product attention (te-* modes with attention_backend "te" only).
     """
 
     dtype: torch.dtype = torch.float32
@@ -169,3 +175,10 @@ class DiTRuntime:
     attention_backend: str = "auto"
     activation_checkpointing: bool = False
     init_weights: bool = True
+    fp8: str = "off"
+    fp8_bf16_blocks: int = 0
+    fp8_attention: bool = False
+
+    def __post_init__(self):
+        if self.fp8_bf16_blocks < 0:
+            raise ValueError(f"fp8_bf16_blocks must be >= 0, got {self.fp8_bf16_blocks}")
