@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from megawan.diffusion import FlowMatchingConfig
+from megawan.layers.fp8 import FP8_MODES
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "presets" / "train"  # package data; configs/train links here
 
@@ -45,6 +46,8 @@ class ModelSection:
     activation_checkpointing: bool = False
     linear_impl: str = "auto"
     attention_backend: str = "auto"
+    fp8: str = "off"  # off | native-tensorwise | native-rowwise | te-delayed | te-current (the blocks' GEMMs)
+    fp8_bf16_blocks: int = 0  # first and last N blocks kept in `dtype`
 
 
 @dataclass
@@ -131,6 +134,7 @@ class TrainConfig:
 
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
+    "model.fp8": FP8_MODES,
     "data.source": ("1x", "cache"),
     "data.bad_input": ("skip", "raise"),
     "optim.decay_style": ("cosine", "linear", "constant"),

@@ -120,7 +120,8 @@ class Trainer:
         dtype = getattr(torch, cfg.model.dtype)
         runtime = DiTRuntime(dtype=dtype, sequence_parallel=cfg.parallel.sequence_parallel,
                              linear_impl=cfg.model.linear_impl, attention_backend=cfg.model.attention_backend,
-                             activation_checkpointing=cfg.model.activation_checkpointing)
+                             activation_checkpointing=cfg.model.activation_checkpointing,
+                             fp8=cfg.model.fp8, fp8_bf16_blocks=cfg.model.fp8_bf16_blocks)
         if cfg.model.init:
             self.model = WanDiT.from_pretrained(cfg.model.init, dtype=dtype, groups=self.groups, runtime=runtime,
                                                 state_dim=cfg.model.state_dim or None)
@@ -331,7 +332,7 @@ class Trainer:
                             progress_bar=cfg.logging.progress_bar)
         log.message(f"megawan train: tp={self.groups.tp} cp={self.groups.cp} dp={self.groups.dp} "
                     f"(sequence parallel {self.model.sequence_parallel}), {self.tokens} tokens/sample, "
-                    f"dtype {cfg.model.dtype}, steps {self.step} -> {cfg.run.steps}"
+                    f"dtype {cfg.model.dtype}, fp8 {cfg.model.fp8}, steps {self.step} -> {cfg.run.steps}"
                     + (f", resumed from {resumed}" if resumed else ""))
         previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         batches = self.data.batches()
