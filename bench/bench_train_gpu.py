@@ -23,7 +23,6 @@ Reported: seconds per step (median of --repeats after a warm-up), tokens/s, mode
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import sys
 import time
