@@ -33,11 +33,16 @@ def loaded_back(argv, case, official_export):
     assert trainer.resume() is not None
     torch.set_grad_enabled(False)
     model = trainer.model.eval()
-    x, t, text = case
-    plain = model(x, t, text)
-    ema = {name: v.clone() for name, v in trainer.ema.named_tensors()}
-    for name, p in model.named_parameters():
-        p.copy_(ema[name])
-    with_ema = model(x, t, text)
+    x, t, text, *states = case
+    states = states[0] if states else None
+    out = {"plain": model(x, t, text, states=states)}
+    if model.state_embedding is not None:
+        out["state_weight_norm"] = model.state_embedding.linear_2.weight.norm().item()
     exported = WanDiT.from_pretrained(official_export, groups=trainer.groups, runtime=DiTRuntime()).eval()
-    return {"plain": plain, "ema_out": with_ema, "ema": ema, "official": exported(x, t, text)}
+    out["official"] = exported(x, t, text, states=states)
+    if trainer.ema is not None:
+        out["ema"] = {name: v.clone() for name, v in trainer.ema.named_tensors()}
+        for name, p in model.named_parameters():
+            p.copy_(out["ema"][name])
+        out["ema_out"] = model(x, t, text, states=states)
+    return out

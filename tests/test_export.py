@@ -99,6 +99,34 @@ def test_bf16_export_is_the_fp32_export_rounded(run):
         assert bf16[k].dtype == torch.bfloat16 and torch.equal(bf16[k], t.to(torch.bfloat16)), k
 
 
+@pytest.fixture(scope="module")
+def world_model(run, tmp_path_factory):
+    """A model with robot-state conditioning (the 1X world model; diffusers cannot run it) and no EMA."""
+    root = tmp_path_factory.mktemp("wm")
+    data = str(run["root"] / "data" / "train_v2.0_raw")
+    argv = _argv(data, str(root / "run"), **{"parallel.tp": 1, "model.state_dim": 25, "optim.ema_decay": 0})
+    ckpt = run_distributed(workers.train, 1, argv, timeout_s=300)[0]["checkpoint"]
+    subprocess.run([sys.executable, "-m", "megawan.tools.export", ckpt, str(root / "official")], check=True,
+                   capture_output=True, timeout=300)
+    x, t, text = make_case(frames=3, height=4, width=4, per_token=True)
+    states = torch.randn(x.shape[0], 9, 25, generator=torch.Generator().manual_seed(3))  # 4 x (3 - 1) + 1 frames
+    back = run_distributed(workers.loaded_back, 1, argv + ["--checkpoint.load", ckpt], (x, t, text, states),
+                           root / "official", timeout_s=300)[0]
+    return {"ckpt": ckpt, "back": back}
+
+
+def test_world_model_export_keeps_the_state_embedding(world_model):
+    back = world_model["back"]
+    assert back["state_weight_norm"] > 0  # trained away from its zero init: the states change the output
+    assert rel_err(back["official"], back["plain"]) <= TOL
+    assert "ema" not in back
+
+
+def test_ema_export_of_a_run_without_ema_is_refused(world_model, tmp_path):
+    with pytest.raises(ExportError, match="holds no EMA"):
+        export(world_model["ckpt"], tmp_path / "o", ema=True)
+
+
 def test_bad_checkpoint_and_output_folders_are_refused(run, tmp_path):
     ckpt = run["ckpt"]
     with pytest.raises(ExportError, match="does not exist"):

@@ -62,6 +62,14 @@ def check_output(path) -> Path:
     return path
 
 
+def check_has_ema(path) -> None:
+    from megatron.core import dist_checkpointing
+
+    if not any(k.startswith("ema.") for k in dist_checkpointing.load_tensors_metadata(str(path))):
+        raise ExportError(f"checkpoint {path} holds no EMA (it was trained with optim.ema_decay 0): export "
+                          f"without --ema")
+
+
 def saved_model_config(path):
     """The WanDiTConfig the checkpoint was trained with (its common state's "model_config")."""
     from megatron.core import dist_checkpointing
@@ -84,9 +92,8 @@ def load_model(path, groups, *, ema: bool = False):
 
     path = check_checkpoint(path)
     prefix = "ema." if ema else "model."
-    if ema and not any(k.startswith("ema.") for k in dist_checkpointing.load_tensors_metadata(str(path))):
-        raise ExportError(f"checkpoint {path} holds no EMA (it was trained with optim.ema_decay 0): export "
-                          f"without --ema")
+    if ema:
+        check_has_ema(path)
     model = WanDiT(saved_model_config(path), groups, DiTRuntime(dtype=torch.float32, init_weights=False))
     sd = checkpointing.tensors_sharded_state_dict(model.named_parameters(), prefix, groups)
     loaded = dist_checkpointing.load(sd, str(path))
@@ -104,6 +111,8 @@ def export(ckpt, out, layout: str = "official", *, ema: bool = False, dtype: str
     if dtype not in DTYPES:
         raise ExportError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     ckpt, out = check_checkpoint(ckpt), check_output(out)
+    if ema:
+        check_has_ema(ckpt)
     if not dist.is_initialized() and launch_env()["world_size"] == 1:
         # one process needs no rendezvous (and must not collide with another job's port)
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
