@@ -13,14 +13,15 @@ from dataclasses import dataclass
 from megatron.core import ModelParallelConfig
 
 from megawan.layers import linear
-from megawan.layers.attention_kernels import AttentionKernel, check_backend
+from megawan.layers.attention_kernels import AttentionKernel, resolve_backend
 
 
 @dataclass(frozen=True)
 class DiTBackend:
     """mp_config: megatron's config (TP/CP sizes, sequence parallelism, GEMM dtype, init switches).
     tp_group / cp_group: this rank's groups (cp_group is None when cp == 1: no Ulysses exchange).
-    linear_impl: resolved, "local" or "te". attention_backend: "auto" | "torch" | "flash" | "te".
+    linear_impl: resolved, "local" or "te". attention_backend: resolved, "torch" | "cudnn" | "flash" | "te"
+    (logged when built). compile_blocks: resolved, whether ``WanDiT`` compiles its blocks.
     fp8_recipe: None (bf16/fp32 GEMMs) until the FP8 path lands; it will be applied in ``fp8_autocast``.
     """
 
@@ -29,12 +30,13 @@ class DiTBackend:
     cp_group: object
     linear_impl: str
     attention_backend: str
+    compile_blocks: bool = False
     fp8_recipe: object = None
 
     @classmethod
     def build(cls, groups, runtime) -> "DiTBackend":
         """From a ``ParallelGroups`` and a ``DiTRuntime``; fails early when a requested kernel is missing."""
-        check_backend(runtime.attention_backend)
+        attention = resolve_backend(runtime.attention_backend, groups.device, runtime.dtype)
         mp_config = ModelParallelConfig(
             tensor_model_parallel_size=groups.tp, context_parallel_size=groups.cp,
             sequence_parallel=runtime.sequence_parallel and groups.tp > 1, params_dtype=runtime.dtype,
@@ -44,7 +46,8 @@ class DiTBackend:
             perform_initialization=runtime.init_weights, gradient_accumulation_fusion=False,
         )
         return cls(mp_config, groups.tp_group, groups.cp_group if groups.cp > 1 else None,
-                   linear.resolve_linear_impl(runtime.linear_impl), runtime.attention_backend)
+                   linear.resolve_linear_impl(runtime.linear_impl), attention,
+                   compile_blocks=groups.device.type == "cuda" if runtime.compile_blocks is None else runtime.compile_blocks)
 
     @property
     def tp(self) -> int:
