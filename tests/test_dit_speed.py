@@ -26,6 +26,10 @@ from tests.dit_fixtures import TINY, make_case, rel_err
 
 # fp32 paths that only reorder or fuse fp32 ops (inductor, addcmul's FMA): a few ulps per element.
 FP32_TOL = 1e-5
+# Compiled vs eager: inductor fuses and reorders reductions, so a gradient summed over many rows
+# (q/k-norm weights of the cross-attention: 2 x 512 text rows, with cancellation) moves by ~1e-5
+# relative (measured 1.3e-5 at most); outputs and the other gradients stay within FP32_TOL.
+COMPILED_GRAD_TOL = 5e-5
 # bf16 outputs: the fused RoPE path rounds to bf16 once where the unfused chain rounds twice, so the
 # two differ by up to one bf16 ulp (2^-8 relative) on some elements.
 BF16_TOL = 8e-3
@@ -84,7 +88,8 @@ def test_fused_functions_run_plain_on_cpu():
 # ---- compiled blocks ---------------------------------------------------------------------------
 
 def _check_compiled(result):
-    bad = {k: e for k, e in result["errs"].items() if not e <= FP32_TOL}
+    assert result["errs"]["out"] <= FP32_TOL, result["errs"]["out"]
+    bad = {k: e for k, e in result["errs"].items() if not e <= COMPILED_GRAD_TOL}
     assert not bad, (result["rank"], bad)
 
 
