@@ -91,16 +91,53 @@ class WanBlock(nn.Module):
         return fused.maybe_compiled(fused.gated_residual, x)(x, self.ffn(h), gate)
 
 
-def compile_blocks(blocks) -> None:
+def compile_blocks(blocks, collectives_inside: bool = False) -> None:
     """Regional compilation: ``torch.compile`` each block in place. The blocks share one code object
     and their parameters are graph inputs, so the first block's graph serves all of them.
 
-    megatron-core's RowParallelLinear passes ``tp_group=None`` to its GEMM function, which warns on
-    rank 0 at every call; ``warnings.warn`` is reordered out of the graph instead of breaking it.
+    Without collectives in the block (TP = CP = 1) the whole ``forward`` is compiled, recomputation
+    included: dynamo traces the checkpoint and the partitioner applies the "selective" policy. With
+    TP or CP > 1 (``collectives_inside``), megatron-core's linears (async collectives in their
+    backward) and all-to-all are graph breaks; dynamo cannot trace a checkpoint region that holds a
+    graph break (it would run the whole region eagerly), so there the checkpoint stays eager around
+    the compiled ``_forward`` / ``_ffn``. The "selective" policy then sees no attention op (it is
+    inside a compiled graph) and recomputes the whole block, like "full": warned at build time.
     """
-    torch._dynamo.config.reorderable_logging_functions.add(warnings.warn)
+    _quiet_megatron_tp_group_default()
     for block in blocks:
-        block.compile()
+        if collectives_inside and block.recompute is not None:
+            if block.recompute == "selective":
+                warnings.warn("compiled blocks at TP or CP > 1: 'selective' recomputation recomputes the "
+                              "attention too (as 'full'); use 'ffn', or compile_blocks=False", stacklevel=3)
+            block._forward = torch.compile(block._forward)
+            block._ffn = torch.compile(block._ffn)
+        else:
+            block.compile()
+
+
+def _quiet_megatron_tp_group_default() -> None:
+    """megatron-core's RowParallelLinear passes ``tp_group=None`` to its GEMM function, whose
+    ``get_tensor_model_parallel_group_if_none`` then warns on rank 0 at every call: a graph break per
+    row-parallel layer in a compiled block. This stand-in returns the same default group silently
+    (the GEMM does not use it there: the row layer does its own reduction)."""
+    from megatron.core import parallel_state as mps
+    from megatron.core.tensor_parallel import layers as mlayers
+
+    original = mlayers.get_tensor_model_parallel_group_if_none
+    if getattr(original, "_megawan_quiet", False):
+        return
+
+    def group_if_none(tp_group, is_expert=False, check_initialized=True):
+        if not torch.distributed.is_initialized():
+            return None
+        if tp_group is not None or not mps.is_initialized():
+            return tp_group
+        if is_expert:
+            return mps.get_expert_tensor_parallel_group(check_initialized=check_initialized)
+        return mps.get_tensor_model_parallel_group(check_initialized=check_initialized)
+
+    group_if_none._megawan_quiet = True
+    mlayers.get_tensor_model_parallel_group_if_none = group_if_none
 
 
 class WanDiT(nn.Module):
@@ -135,7 +172,7 @@ class WanDiT(nn.Module):
         self._tag_replicated_params()
         self.to(groups.device)
         if self.backend.compile_blocks:
-            compile_blocks(self.blocks)
+            compile_blocks(self.blocks, collectives_inside=groups.tp * groups.cp > 1)
 
     def _tag_replicated_params(self) -> None:
         """Mark replicated params whose grads are partial sums over this rank's sequence shard.
