@@ -3,8 +3,9 @@ one GPU, side by side in one run: forward and train step (forward + backward of 
 peak memory, and the output difference.
 
 Weights: megawan's random initialisation (seed 0, bf16 GEMM weights; embeddings, modulation, norms and
-head fp32), written once in diffusers' layout and read by ``WanTransformer3DModel.from_pretrained(...,
-torch_dtype=bf16)`` (which keeps its ``_keep_in_fp32_modules`` in fp32, as it does for the release).
+head fp32), written once in diffusers' layout and assigned to a ``WanTransformer3DModel`` built from that config,
+then cast to bf16 outside its ``_keep_in_fp32_modules`` (what ``from_pretrained(torch_dtype=bf16)`` does;
+that call needs accelerate, which the GPU machine lacks).
 Inputs (batch 1): latents [1, 48, F, H, W] (default 31 x 44 x 80 = 27,280 tokens, a 121 x 704 x 1280
 video), per-token timesteps with latent frame 0 at t = 0 (TI2V), a 512 x 4096 text embedding.
 
@@ -128,6 +129,25 @@ def run_megawan(cfg, groups, inputs, args, ckpt_dir, device) -> tuple[list, dict
     return rows, outs
 
 
+def load_diffusers_bf16(cls, ckpt_dir):
+    """What ``from_pretrained(torch_dtype=bf16)`` gives (bf16 except the class's ``_keep_in_fp32_modules``),
+    without accelerate, which that call needs and the GPU machine lacks: build without weight init, load
+    the saved tensors, cast."""
+    from diffusers.models.modeling_utils import no_init_weights
+    from safetensors.torch import load_file
+
+    with no_init_weights():
+        model = cls.from_config(cls.load_config(ckpt_dir))
+    state = {}
+    for f in sorted(Path(ckpt_dir).glob("*.safetensors")):
+        state.update(load_file(f))
+    model.load_state_dict(state, strict=True)
+    keep = set(getattr(cls, "_keep_in_fp32_modules", None) or [])
+    for name, param in model.named_parameters():
+        param.data = param.data.to(torch.float32 if keep.intersection(name.split(".")) else torch.bfloat16)
+    return model
+
+
 def run_diffusers(ckpt_dir, inputs, args, device) -> tuple[list, dict]:
     from diffusers import WanTransformer3DModel
 
@@ -135,7 +155,7 @@ def run_diffusers(ckpt_dir, inputs, args, device) -> tuple[list, dict]:
     rows, outs = [], {}
     for mode in args.modes:
         for setting in ("forward", "full"):
-            model = WanTransformer3DModel.from_pretrained(ckpt_dir, torch_dtype=torch.bfloat16).to(device)
+            model = load_diffusers_bf16(WanTransformer3DModel, ckpt_dir).to(device)
             if mode == "compiled":
                 model.compile_repeated_blocks()
 
@@ -228,7 +248,7 @@ def main(argv=None) -> None:
                       f"{ref / r['s']:.2f}x" if ref else "n/a"])
     print(format_table(table, ["model", "mode", "forward / train-step recompute", "s", "block TFLOP/s",
                                "peak GiB", "speed vs best diffusers"]))
-    print("\nblock TFLOP/s = 30 blocks' GEMM + attention FLOPs (bench_dit_block_gpu.py; a train step = 3 x "
+    print("\nblock TFLOP/s = all blocks' GEMM + attention FLOPs (bench_dit_block_gpu.py; a train step = 3 x "
           "forward, recomputation not counted) / time. 'speed vs best diffusers' divides by diffusers' "
           "fastest (compiled when run) forward or train step.")
     for mode, out in m_outs.items():
