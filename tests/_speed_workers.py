@@ -38,3 +38,19 @@ def compiled_vs_eager(tp: int, cp: int, recompute: str | None = None):
     errs = {"out": rel_err(out_c, out_e), "x.grad": rel_err(xg_c, xg_e)}
     errs.update({n: rel_err(g_c[n], g) for n, g in g_e.items()})
     return {"errs": errs, "graph_breaks": breaks, "unique_graphs": graphs, "rank": dist.get_rank()}
+
+
+def recompute_vs_none(tp: int, cp: int, granularities):
+    """Eager, same weights: each recomputation granularity's output and local grads vs none."""
+    groups = parallel_state.initialize(tp, cp)
+    case = make_case(3, 6, 6, per_token=True)
+    weight = torch.randn(case[0].shape, generator=torch.Generator().manual_seed(5))
+    runs = {}
+    for g in [None, *granularities]:
+        torch.manual_seed(0)
+        rt = DiTRuntime(linear_impl="local", compile_blocks=False, activation_checkpointing=g is not None,
+                        recompute_granularity=g or "full")
+        runs[g] = _run(WanDiT(TINY, groups, rt).train(), case, weight)
+    out0, xg0, g0 = runs[None]
+    return {g: max([rel_err(o, out0), rel_err(xg, xg0)] + [rel_err(gr[n], g0[n]) for n in g0])
+            for g, (o, xg, gr) in runs.items() if g is not None}

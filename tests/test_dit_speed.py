@@ -147,6 +147,12 @@ def test_recomputation_gives_the_gradients_of_none(granularity, num_blocks):
         assert rel_err(g, ref[name]) <= 1e-6, (name, rel_err(g, ref[name]))
 
 
+def test_recomputation_gives_the_gradients_of_none_tp2_cp2():
+    """Under TP2 x CP2 (SP on): the recomputed collectives and the selective policy keep every grad."""
+    for errs in run_distributed(workers.recompute_vs_none, 4, 2, 2, ["full", "selective", "ffn"]):
+        assert all(e <= 1e-6 for e in errs.values()), errs
+
+
 def _held_bytes(runtime) -> int:
     """Bytes the forward leaves allocated (activations kept for backward + the output)."""
     torch.manual_seed(0)
