@@ -41,7 +41,7 @@ torch.manual_seed(0)
 ref = WanDiT(cfg, groups, DiTRuntime(dtype=torch.bfloat16, linear_impl="local", attention_backend="torch")).eval()
 with torch.no_grad():
     base = ref(x, t, text)
-for linear, attn in [("local", "flash"), ("te", "torch"), ("te", "te")]:
+for linear, attn in [("local", "cudnn"), ("local", "flash"), ("te", "torch"), ("te", "te")]:
     if (attn == "flash" and not _installed("flash_attn")) or ("te" in (linear, attn) and not _installed("transformer_engine")):
         print(linear, attn, "skipped: package missing"); continue
     m = WanDiT(cfg, groups, DiTRuntime(dtype=torch.bfloat16, linear_impl=linear, attention_backend=attn)).eval()
