@@ -12,7 +12,7 @@
 #    compiled vs diffusers, with errors against fp32;
 # 7. the VAE decode memory benchmark at full width, one GPU.
 # Not yet run: no session so far had a GPU machine. Wheels first (../shared/device/README.md):
-#   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+#   python3 -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl && export PYTHONPATH=$PWD/.site:$PWD
 # Each step has a time limit (about 10 minutes in all), logs its output, and the script carries on past
 # a failing step, so one run says everything.
 set -uo pipefail
