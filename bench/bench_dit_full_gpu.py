@@ -160,8 +160,8 @@ def run_diffusers(ckpt_dir, inputs, args, device) -> tuple[list, dict]:
                 model.compile_repeated_blocks()
 
             def call():
-                return model(hidden_states=x.to(torch.bfloat16), timestep=t, encoder_hidden_states=text.to(torch.bfloat16),
-                             return_dict=False)[0]
+                return model(hidden_states=x.to(torch.bfloat16), timestep=t,
+                             encoder_hidden_states=text.to(torch.bfloat16), return_dict=False)[0]
             if setting == "forward":
                 model.eval()
                 with torch.no_grad():

@@ -45,9 +45,11 @@ class DiTBackend:
             use_cpu_initialization=groups.device.type == "cpu",
             perform_initialization=runtime.init_weights, gradient_accumulation_fusion=False,
         )
+        compile_blocks = runtime.compile_blocks
+        if compile_blocks is None:  # on by default where it pays: GPUs (CPU inductor compiles slowly)
+            compile_blocks = groups.device.type == "cuda"
         return cls(mp_config, groups.tp_group, groups.cp_group if groups.cp > 1 else None,
-                   linear.resolve_linear_impl(runtime.linear_impl), attention,
-                   compile_blocks=groups.device.type == "cuda" if runtime.compile_blocks is None else runtime.compile_blocks)
+                   linear.resolve_linear_impl(runtime.linear_impl), attention, compile_blocks=compile_blocks)
 
     @property
     def tp(self) -> int:
