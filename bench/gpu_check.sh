@@ -50,7 +50,7 @@ for linear, attn in [("local", "cudnn"), ("local", "flash"), ("te", "torch"), ("
         out = m(x, t, text)
     print(linear, attn, "rel diff vs local/torch bf16:", ((out - base).norm() / base.norm()).item(), missing)
 PY
-tstep speed_tests 120 python -m pytest tests/test_dit_speed.py -q -rs -k "cudnn or fused or logged"
+tstep speed_tests 120 python -m pytest tests/test_dit_speed.py -q -rs -k "cudnn or fused or logged or default"
 tstep block_bench 150 python bench/bench_dit_block_gpu.py --tokens 5120 27280 --modes eager compiled --profile
 tstep full_dit 300 python bench/bench_dit_full_gpu.py --modes compiled --recompute selective ffn --warmup 1 --iters 2
 tstep vae_paths 120 python bench/bench_vae_decode_paths.py

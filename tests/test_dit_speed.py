@@ -113,11 +113,12 @@ def test_compiled_blocks_equal_eager_tp2_cp2(recompute):
     print("TP2xCP2 graph breaks:", results[0]["graph_breaks"], "graphs:", results[0]["unique_graphs"])
 
 
-def test_compile_default_is_off_on_cpu():
+def test_compile_default_is_on_only_with_cuda():
     torch.manual_seed(0)
     model = WanDiT(TINY, runtime=DiTRuntime(linear_impl="local"))
-    assert model.backend.compile_blocks is False
-    assert not any(hasattr(b, "_compiled_call_impl") and b._compiled_call_impl for b in model.blocks)
+    on_gpu = model.groups.device.type == "cuda"
+    assert model.backend.compile_blocks is on_gpu
+    assert all(bool(getattr(b, "_compiled_call_impl", None)) is on_gpu for b in model.blocks)
 
 
 # ---- selective recomputation ---------------------------------------------------------------------
@@ -193,9 +194,13 @@ def test_attention_kernel_choice_is_logged(caplog):
     with caplog.at_level(logging.INFO, logger="megawan"):
         torch.manual_seed(0)
         model = WanDiT(TINY, runtime=DiTRuntime(dtype=torch.bfloat16, linear_impl="local"))
-    assert model.backend.attention_backend == "torch"
-    assert "DiT attention kernel: torch (auto: no cuDNN attention on cpu)" in caplog.text
-    assert {b.self_attn.kernel.backend for b in model.blocks} == {"torch"}
+    expected = "cudnn" if model.groups.device.type == "cuda" else "torch"
+    assert model.backend.attention_backend == expected
+    if expected == "torch":
+        assert "DiT attention kernel: torch (auto: no cuDNN attention on cpu)" in caplog.text
+    else:
+        assert "DiT attention kernel: cudnn (auto: " in caplog.text
+    assert {b.self_attn.kernel.backend for b in model.blocks} == {expected}
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="megawan"):
         assert resolve_backend("auto", torch.device("cpu"), torch.float32) == "torch"
