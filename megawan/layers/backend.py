@@ -16,14 +16,15 @@ from megatron.core import ModelParallelConfig
 from torch.utils.checkpoint import checkpoint
 
 from megawan.layers import fp8, linear
-from megawan.layers.attention_kernels import AttentionKernel, check_backend
+from megawan.layers.attention_kernels import AttentionKernel, resolve_backend
 
 
 @dataclass(frozen=True)
 class DiTBackend:
     """mp_config: megatron's config (TP/CP sizes, sequence parallelism, GEMM dtype, init switches).
     tp_group / cp_group: this rank's groups (cp_group is None when cp == 1: no Ulysses exchange).
-    linear_impl: resolved, "local" or "te". attention_backend: "auto" | "torch" | "flash" | "te".
+    linear_impl: resolved, "local" or "te". attention_backend: resolved, "torch" | "cudnn" | "flash" | "te"
+    (logged when built). compile_blocks: resolved, whether ``WanDiT`` compiles its blocks.
     fp8: the FP8 mode (``fp8.FP8_MODES``). fp8_recipe: what the GEMMs of the linears built from this
     backend use: None (runtime dtype: "off", or a block kept in high precision), a ``fp8.NativeFp8``
     (native modes) or TE's recipe (te-* modes, applied by ``fp8_autocast``).
@@ -36,13 +37,14 @@ class DiTBackend:
     linear_impl: str
     attention_backend: str
     fp8: str = "off"
+    compile_blocks: bool = False
     fp8_recipe: object = None
     fp8_amax_group: object = None
 
     @classmethod
     def build(cls, groups, runtime) -> "DiTBackend":
         """From a ``ParallelGroups`` and a ``DiTRuntime``; fails early when a requested kernel is missing."""
-        check_backend(runtime.attention_backend)
+        attention = resolve_backend(runtime.attention_backend, groups.device, runtime.dtype)
         impl = fp8.check_mode(runtime.fp8, runtime.linear_impl, runtime.attention_backend, runtime.fp8_attention)
         if impl == "auto" and groups.device.type != "cuda":
             impl = "local"  # "auto" means TE only where the ranks compute on a GPU (gloo ranks on a GPU machine do not)
@@ -59,11 +61,15 @@ class DiTBackend:
             recipe = fp8.NativeFp8.for_mode(runtime.fp8)
         elif runtime.fp8.startswith("te-"):
             recipe = fp8.te_recipe(runtime.fp8, runtime.fp8_attention)
+        compile_blocks = runtime.compile_blocks
+        if compile_blocks is None:  # on by default where it pays: GPUs (CPU inductor compiles slowly)
+            compile_blocks = groups.device.type == "cuda"
         # TE reduces amaxes over one group: TP x CP x DP = every rank here (no pipeline stages).
         return cls(mp_config, groups.tp_group, groups.cp_group if groups.cp > 1 else None,
-                   linear.resolve_linear_impl(impl), runtime.attention_backend, runtime.fp8, recipe,
-                   torch.distributed.group.WORLD if recipe is not None and torch.distributed.is_initialized()
-                   else None)
+                   linear_impl=linear.resolve_linear_impl(impl), attention_backend=attention, fp8=runtime.fp8,
+                   compile_blocks=compile_blocks, fp8_recipe=recipe,
+                   fp8_amax_group=torch.distributed.group.WORLD
+                   if recipe is not None and torch.distributed.is_initialized() else None)
 
     def high_precision(self) -> "DiTBackend":
         """The same backend with FP8 off for the layers built from it (first / last blocks in bf16)."""

@@ -20,6 +20,7 @@ import yaml
 
 from megawan.diffusion import FlowMatchingConfig
 from megawan.layers.fp8 import FP8_MODES
+from megawan.models.dit_config import RECOMPUTE_GRANULARITIES
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "presets" / "train"  # package data; configs/train links here
 
@@ -44,6 +45,9 @@ class ModelSection:
     state_dim: int = 0  # robot-state conditioning (25 for 1X); 0 = off
     dtype: str = "bfloat16"  # GEMM weights / compute; residual stream, norms, embeddings stay fp32
     activation_checkpointing: bool = False
+    recompute_granularity: str = "full"  # full | selective (keep attention outputs) | ffn (recompute the FFN only)
+    recompute_num_blocks: int | None = None  # only the first N blocks recompute; None = all
+    compile_blocks: bool | None = None  # torch.compile each block; None = on with CUDA
     linear_impl: str = "auto"
     attention_backend: str = "auto"
     fp8: str = "off"  # off | native-tensorwise | native-rowwise | te-delayed | te-current (the blocks' GEMMs)
@@ -135,6 +139,7 @@ class TrainConfig:
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.fp8": FP8_MODES,
+    "model.recompute_granularity": RECOMPUTE_GRANULARITIES,
     "data.source": ("1x", "cache"),
     "data.bad_input": ("skip", "raise"),
     "optim.decay_style": ("cosine", "linear", "constant"),

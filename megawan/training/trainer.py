@@ -121,6 +121,9 @@ class Trainer:
         runtime = DiTRuntime(dtype=dtype, sequence_parallel=cfg.parallel.sequence_parallel,
                              linear_impl=cfg.model.linear_impl, attention_backend=cfg.model.attention_backend,
                              activation_checkpointing=cfg.model.activation_checkpointing,
+                             recompute_granularity=cfg.model.recompute_granularity,
+                             recompute_num_blocks=cfg.model.recompute_num_blocks,
+                             compile_blocks=cfg.model.compile_blocks,
                              fp8=cfg.model.fp8, fp8_bf16_blocks=cfg.model.fp8_bf16_blocks)
         if cfg.model.init:
             self.model = WanDiT.from_pretrained(cfg.model.init, dtype=dtype, groups=self.groups, runtime=runtime,
