@@ -20,6 +20,7 @@ setup(
         "av>=12",
         "transformers>=4.45",  # umT5 text encoder (megawan.tools.precompute, megawan.generate)
         "pillow",  # PNG contact sheets, image inputs (megawan.generate)
+        "torchao>=0.18",  # float8 scales / casts / scaled GEMM of the native FP8 path (megawan/layers/fp8.py)
     ],
     extras_require={
         # diffusers is the independent reference; the CPU video decoders are compared with each other

@@ -20,7 +20,12 @@ TFLOP/s = those FLOPs / the measured time (CUDA events, mean over --iters after 
 is ``torch.cuda.max_memory_allocated`` over one forward+backward (stats reset just before it), shown
 whole and above the allocation before it (weights + inputs).
 
-    python bench/bench_dit_block_gpu.py --tokens 5120 27280
+    python bench/bench_dit_block_gpu.py --tokens 5120 27280 --modes eager compiled
+
+``--modes compiled`` runs the block through ``megawan.models.dit.compile_blocks`` (what
+``DiTRuntime(compile_blocks=True)`` does); the first calls (warm-up) compile. ``--profile`` prints the
+CUDA kernels of one compiled forward+backward at the largest token count, by total time, to say
+where the time goes (GEMMs, attention, element-wise kernels).
 """
 
 from __future__ import annotations
@@ -37,10 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._table import format_table  # noqa: E402
 
 from megawan import parallel_state  # noqa: E402
-from megawan.layers.attention_kernels import _installed  # noqa: E402
 from megawan.layers.linear import resolve_linear_impl  # noqa: E402
 from megawan.layers.rope import rope_tables  # noqa: E402
-from megawan.models.dit import DiTRuntime, WanDiT, WanDiTConfig  # noqa: E402
+from megawan.models.dit import DiTRuntime, WanDiT, WanDiTConfig, compile_blocks  # noqa: E402
 
 # Token grids (post-patch frames x rows x cols) for the token counts of the issue; others get 1 x 1 x L.
 GRIDS = {5120: (5, 32, 32), 27280: (31, 22, 40)}
@@ -118,6 +122,8 @@ def main(argv=None) -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--linear-impl", default="auto", choices=["auto", "local", "te"])
     p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "flash", "te"])
+    p.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one fwd+bwd")
     p.add_argument("--dim", type=int, default=3072)
     p.add_argument("--ffn-dim", type=int, default=14336)
     p.add_argument("--heads", type=int, default=24)
@@ -132,13 +138,11 @@ def main(argv=None) -> None:
     groups = parallel_state.get_groups()  # one process: TP = CP = 1
     device = torch.device("cpu") if args.cpu_smoke else groups.device
     linear_impl = resolve_linear_impl(args.linear_impl)
-    attn = args.attention_backend
-    if attn == "auto":
-        attn = "flash" if device.type == "cuda" and _installed("flash_attn") else "torch (SDPA)"
     cfg = WanDiTConfig(dim=args.dim, ffn_dim=args.ffn_dim, num_heads=args.heads, num_layers=1)
     torch.manual_seed(0)
     model = WanDiT(cfg, groups, DiTRuntime(dtype=torch.bfloat16, linear_impl=args.linear_impl,
-                                           attention_backend=args.attention_backend))
+                                           attention_backend=args.attention_backend, compile_blocks=False))
+    attn = model.backend.attention_backend  # resolved (and logged) by the backend
     block = model.blocks[0].to(device).train()
     del model
 
@@ -147,19 +151,37 @@ def main(argv=None) -> None:
           f"dim {cfg.dim}, {cfg.num_heads} heads, ffn {cfg.ffn_dim}, text {cfg.text_len} tokens, bf16 GEMMs; "
           f"warmup {args.warmup}, iters {args.iters}\n")
     rows = []
-    for tokens in args.tokens:
+    cases = [(mode, tokens) for mode in args.modes for tokens in args.tokens]
+    for mode, tokens in cases:
+        if mode == "compiled" and not getattr(block, "_compiled_call_impl", None):
+            compile_blocks([block])
         grid = GRIDS.get(tokens, (1, 1, tokens))
         r = run_case(block, cfg, tokens, grid, device, args.warmup, args.iters)
         f = r["flops"]
         mem = r["mem"]
-        rows.append([f"{tokens:,}", "x".join(map(str, grid)),
+        rows.append([mode, f"{tokens:,}", "x".join(map(str, grid)),
                      f"{f['fwd'] / 1e12:.3f}", f"{r['t_fwd'] * 1e3:.2f}", f"{f['fwd'] / r['t_fwd'] / 1e12:.1f}",
                      f"{f['fwd+bwd'] / 1e12:.3f}", f"{r['t_step'] * 1e3:.2f}",
                      f"{f['fwd+bwd'] / r['t_step'] / 1e12:.1f}",
                      f"{mem['peak'] / 2**30:.2f}" if mem else "n/a",
                      f"{(mem['peak'] - mem['base']) / 2**30:.2f}" if mem else "n/a"])
-    print(format_table(rows, ["tokens", "grid", "fwd TFLOP", "fwd ms (no_grad)", "fwd TFLOP/s", "fwd+bwd TFLOP",
+    print(format_table(rows, ["mode", "tokens", "grid", "fwd TFLOP", "fwd ms (no_grad)", "fwd TFLOP/s", "fwd+bwd TFLOP",
                               "fwd+bwd ms", "fwd+bwd TFLOP/s", "peak GiB", "peak above base GiB"]))
+    if args.profile:
+        profile_block(block, cfg, max(args.tokens), device)
+
+
+def profile_block(block, cfg, tokens: int, device) -> None:
+    """The kernels of one forward+backward (after the timed runs: compiled graphs are warm)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    grid = GRIDS.get(tokens, (1, 1, tokens))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run_case(block, cfg, tokens, grid, device, warmup=0, iters=1)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(f"\nkernels of one fwd (no_grad) + one fwd+bwd at {tokens:,} tokens, by {key}:")
+    print(prof.key_averages().table(sort_by=key, row_limit=25))
 
 
 if __name__ == "__main__":

@@ -1,33 +1,50 @@
 #!/usr/bin/env bash
 # One prepared run for a GPU machine (H100/H200): the checks and timings that need a GPU, in one go.
-#   bash bench/gpu_check.sh  [OUT_DIR]        (logs go to OUT_DIR, default outputs/gpu_check)
 # 1. the test suite on the GPU machine: default (GPU 0 + gloo CPU ranks), then MEGAWAN_TEST_BACKEND=nccl;
 # 2. the fast paths on one GPU: Transformer Engine linears and flash-attn/TE attention vs the
 #    local/torch paths (bf16), when those packages are installed;
-# 3. bench/bench_dit_block_gpu.py at 5,120 and 27,280 tokens;
-# 4. the VAE decode benchmark at full width, 121 x 704 x 1280, one GPU.
-# Not yet run: no session so far had a GPU machine.
-# Each step logs its output and the script carries on past a failing step, so one run says everything;
-# the script's exit status is non-zero when any step failed.
+# Stages (each well under the device tool's 10-minute limit per call; run them as separate calls):
+#   tests  the test suite on the GPU machine: default (GPU 0 + gloo CPU ranks), then MEGAWAN_TEST_BACKEND=nccl
+#          when there are 2+ GPUs; the fast paths on one GPU: TE linears, cuDNN / flash-attn / TE attention
+#          vs the local / torch paths (bf16), when those packages are installed;
+#   speed  (issue 13) the speed tests that need CUDA; bench_dit_block_gpu.py at 5,120 and 27,280 tokens,
+#          eager and compiled, with a kernel profile; bench_dit_full_gpu.py: the full 5B, megawan vs
+#          diffusers, compiled, forward + train step; bench_vae_decode_paths.py (fp32 / bf16 / channels-last
+#          / compiled vs diffusers, with errors); the VAE decode memory benchmark at full width;
+#   fp8    (issue 14) the native FP8 GEMM against brute force and the tiny DiT's FP8 forward + backward vs
+#          bf16 on CUDA; bench_dit_fp8_gpu.py: bf16 vs FP8 block at 5,120 / 27,280 tokens and the full 5B,
+#          then compiled. Needs torchao: carry its wheel (fetch_wheels.sh torchao==0.18.0);
+#   train  (issue 10) bench_train_gpu.py: a full-width 5B train step at 5,120 and 27,280 tokens beside
+#          diffusers' WanTransformer3DModel doing the same step, tokens/s, MFU, peak memory.
+#   bash bench/gpu_check.sh STAGE [OUT_DIR]      (STAGE: tests | speed | fp8 | train | all)
+# Not yet run: no session so far had a GPU machine. Wheels first (../shared/device/README.md):
+#   python3 -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl && export PYTHONPATH=$PWD/.site:$PWD
+# Each step has a time limit, logs its output, and the script carries on past a failing step, so one run
+# says everything; the exit status is non-zero when any step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:-outputs/gpu_check}
+STAGE=${1:-all}
+OUT=${2:-outputs/gpu_check}
+case "$STAGE" in tests|speed|fp8|train|all) ;; *) echo "usage: $0 tests|speed|fp8|train|all [OUT_DIR]" >&2; exit 2;; esac
+want() { [ "$STAGE" = all ] || [ "$STAGE" = "$1" ]; }
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
 FAILED=0
-step() {
-  local name=$1 rc; shift; echo "== $name: $*"
-  ( "$@" ) > "$OUT/$name.log" 2>&1; rc=$?
-  echo "== $name exit $rc"; tail -n 15 "$OUT/$name.log"
+# A step with a wall-clock limit (seconds): its log, its exit status, the tail of its log.
+tstep() {
+  local name=$1 limit=$2 rc; shift 2; echo "== $name (limit ${limit}s): $*"
+  ( timeout "$limit" "$@" ) > "$OUT/$name.log" 2>&1; rc=$?
+  echo "== $name exit $rc"; tail -n 40 "$OUT/$name.log"
   [ "$rc" -eq 0 ] || FAILED=1
 }
 NGPU=$(python -c "import torch; print(torch.cuda.device_count())")
 # The whole suite with single-process tests on GPU 0 and gloo ranks on CPU (the default), then with NCCL
 # ranks (tests needing more GPUs than this machine has are skipped, and say so under -rs).
-step gpu_tests python -m pytest tests -q -rs
-step nccl_tests env MEGAWAN_TEST_BACKEND=nccl python -m pytest tests -q -rs
-step fast_paths python - <<'PY'
+if want tests; then
+tstep gpu_tests 420 python -m pytest tests -q -rs -x
+[ "$NGPU" -ge 2 ] && tstep nccl_tests 300 env MEGAWAN_TEST_BACKEND=nccl python -m pytest tests -q -rs -x
+tstep fast_paths 120 python - <<'PY'
 import torch
 from megawan import parallel_state
 from megawan.models.dit import DiTRuntime, WanDiT, WanDiTConfig
@@ -45,7 +62,7 @@ with torch.no_grad():
 # tests measure (2.0e-3, tests/test_dit_parity.py). Above it, or on any key missing/unexpected, fail.
 BOUND = 2e-2
 failures = []
-for linear, attn in [("local", "flash"), ("te", "torch"), ("te", "te")]:
+for linear, attn in [("local", "cudnn"), ("local", "flash"), ("te", "torch"), ("te", "te")]:
     if (attn == "flash" and not _installed("flash_attn")) or ("te" in (linear, attn) and not _installed("transformer_engine")):
         print(linear, attn, "skipped: package missing"); continue
     m = WanDiT(cfg, groups, DiTRuntime(dtype=torch.bfloat16, linear_impl=linear, attention_backend=attn)).eval()
@@ -65,6 +82,53 @@ if failures:
     raise SystemExit("fast paths FAILED:\n" + "\n".join(failures))
 print("fast paths OK")
 PY
-step block_bench python bench/bench_dit_block_gpu.py --tokens 5120 27280
-step vae_decode python bench/bench_vae_memory.py --frames 121 --height 704 --width 1280 --shards 1
+fi
+if want speed; then
+tstep speed_tests 120 python -m pytest tests/test_dit_speed.py -q -rs -k "cudnn or fused or logged or default"
+tstep block_bench 150 python bench/bench_dit_block_gpu.py --tokens 5120 27280 --modes eager compiled --profile
+tstep full_dit 300 python bench/bench_dit_full_gpu.py --modes compiled --recompute selective ffn --warmup 1 --iters 2
+tstep vae_paths 120 python bench/bench_vae_decode_paths.py
+tstep vae_decode 60 python bench/bench_vae_memory.py --frames 121 --height 704 --width 1280 --shards 1
+fi
+if want fp8; then
+tstep fp8_cuda 120 python - <<'PY'
+import torch
+from megawan.layers import fp8
+from megawan.models.dit import DiTRuntime, WanDiT, WanDiTConfig
+dev = torch.device("cuda")
+g = torch.Generator(device=dev).manual_seed(0)
+def deq(x, dtype, rowwise):
+    amax = x.abs().amax(dim=-1, keepdim=True) if rowwise else x.abs().amax()
+    s = torch.exp2(torch.floor(torch.log2(torch.finfo(dtype).max / amax.double())))
+    return (x.double() * s).to(dtype).double() / s
+for rowwise, gdt in ((False, fp8.E5M2), (True, fp8.E4M3)):
+    for m, k, n in ((256, 3072, 9216), (40, 1000, 64)):  # k = 1000: the inner-dim padding
+        a = torch.randn(m, k, device=dev, generator=g, dtype=torch.bfloat16)
+        b = torch.randn(k, n, device=dev, generator=g, dtype=torch.bfloat16)
+        for adt in (fp8.E4M3, gdt):
+            out = fp8.fp8_mm(a, b, adt, fp8.E4M3, rowwise, torch.bfloat16).double()
+            ref = deq(a.float(), adt, rowwise) @ deq(b.t().float(), fp8.E4M3, rowwise).t()
+            print("fp8_mm rowwise" if rowwise else "fp8_mm tensorwise", adt, (m, k, n),
+                  "rel diff vs brute force (bf16 output):", ((out - ref).norm() / ref.norm()).item())
+cfg = WanDiTConfig.preset("tiny")
+x = torch.randn(1, 48, 3, 8, 8, device=dev); t = torch.full((1,), 700.0, device=dev)
+text = torch.randn(1, 512, cfg.text_dim, device=dev)
+res = {}
+for mode in ("off", "native-tensorwise", "native-rowwise"):
+    torch.manual_seed(0)
+    m = WanDiT(cfg, runtime=DiTRuntime(dtype=torch.bfloat16, linear_impl="local", attention_backend="torch", fp8=mode)).train()
+    xx = x.clone().requires_grad_(True)
+    out = m(xx, t, text); out.float().square().mean().backward()
+    res[mode] = (out.detach().float(), xx.grad.float())
+    if mode != "off":
+        print(mode, "tiny DiT on CUDA, rel err vs bf16: output", ((res[mode][0] - res["off"][0]).norm() / res["off"][0].norm()).item(),
+              "latent grad", ((res[mode][1] - res["off"][1]).norm() / res["off"][1].norm()).item(), "(CPU test bound 0.04)")
+PY
+tstep fp8_bench 240 python bench/bench_dit_fp8_gpu.py --tokens 5120 27280
+# last: compiling every mode at two shapes takes minutes; the eager figures above are already logged
+tstep fp8_bench_compiled 200 python bench/bench_dit_fp8_gpu.py --tokens 5120 27280 --no-model --compile --iters 5
+fi
+if want train; then
+tstep train_bench 420 python bench/bench_train_gpu.py --cases 5120 27280
+fi
 exit $FAILED

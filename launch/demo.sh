@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# The README's main job: generate the sample 1X data, then run the parallel TI2V step on 4 CPU ranks
-# (TP2 x CP2, gloo) and compare it with a single-rank run of the same weights; the last line is the verdict
-# (PASS / FAIL and why), and the exit status is non-zero on FAIL. launch/torchrun.sh sets the thread count and
-# quiets the libraries' deprecation notices.
-#   bash launch/demo.sh [NPROC] [TP] [CP]
+# The README's main job: make the sample 1X data if it is absent, then train the tiny world-model preset
+# (configs/train/tiny_1x.yaml) on 4 CPU ranks at TP2 x CP2 with sequence parallelism (gloo) for 40 steps.
+# It prints where the checkpoints, logs and resolved config are, and how to resume and open TensorBoard.
+#   bash launch/demo.sh [NPROC] [--section.key VALUE ...]     e.g. bash launch/demo.sh 2 --parallel.cp 1
+# The one-step parallel-vs-single-rank check of the model stays available: megawan.tools.forward_demo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-NPROC=${1:-4}; TP=${2:-2}; CP=${3:-2}
+NPROC=4
+if [ $# -gt 0 ] && [[ "$1" =~ ^[0-9]+$ ]]; then NPROC=$1; shift; fi
 DATA=${MEGAWAN_DEMO_DATA:-outputs/sample_1x}
 [ -d "$DATA/train_v2.0_raw" ] || python -m megawan.tools.make_sample_data --out "$DATA"
-exec bash launch/torchrun.sh "$NPROC" megawan.tools.forward_demo --data "$DATA/train_v2.0_raw" --tp "$TP" --cp "$CP"
+exec bash launch/torchrun.sh "$NPROC" megawan.train --config tiny_1x \
+  --data.root "$DATA/train_v2.0_raw" --validation.root "$DATA/val_v2.0_raw" "$@"

@@ -16,11 +16,23 @@ from megawan.training.config import load_config
 from megawan.training.trainer import Trainer
 
 
+def write_prompt(path, text_dim: int = 64, length: int = 7, seed: int = 0) -> str:
+    """A prompt embedding file like the latent cache's empty_prompt.safetensors (random: with all-zero text
+    every key of cross-attention is equal, its q / k gradients vanish and Adam turns their rounding noise
+    into full-size steps, which no layout comparison can match)."""
+    from safetensors.torch import save_file
+
+    save_file({"text_embeds": torch.randn(length, text_dim, generator=torch.Generator().manual_seed(seed))},
+              str(path))
+    return str(path)
+
+
 def tiny_overrides(data_root, out_dir, **extra) -> dict:
     """The tiny_1x preset made small and fast: 9-frame clips at 64 x 64 (3 latent frames of 4 tokens)."""
     tree = {"run": {"out_dir": str(out_dir), "steps": 4},
-            "data": {"root": str(data_root), "clip_frames": 9, "size": [64, 64], "batch_size": 1},
-            "objective": {"clean_frames": 1},
+            "data": {"root": str(data_root), "clip_frames": 9, "size": [64, 64], "batch_size": 1,
+                     "empty_prompt": str(os.path.join(os.path.dirname(str(data_root)), "prompt.safetensors"))},
+            "objective": {"clean_frames": 1}, "optim": {"warmup_steps": 0},
             "checkpoint": {"every": 0, "keep": 3}, "validation": {"every": 0},
             "logging": {"progress_bar": False, "tensorboard": False, "every": 100}}
     for key, value in extra.items():
@@ -32,9 +44,9 @@ def tiny_overrides(data_root, out_dir, **extra) -> dict:
     return tree
 
 
-def _losses(out_dir) -> list[float]:
+def _train_records(out_dir, key: str = "loss") -> list[float]:
     path = os.path.join(out_dir, "logs", "metrics.jsonl")
-    return [r["loss"] for r in map(json.loads, open(path)) if r["kind"] == "train"]
+    return [r[key] for r in map(json.loads, open(path)) if r["kind"] == "train"]
 
 
 def _full_params(trainer) -> dict:
@@ -48,7 +60,9 @@ def train(overrides: dict, return_params: bool = True):
     params = _full_params(trainer) if return_params else None  # collective over TP
     out = None
     if dist.get_rank() == 0:
-        out = {"losses": _losses(overrides["run"]["out_dir"]), "params": params, "result": result,
+        out_dir = overrides["run"]["out_dir"]
+        out = {"losses": _train_records(out_dir), "grad_norms": _train_records(out_dir, "grad_norm"),
+               "params": params, "result": result,
                "nonfinite": trainer.nonfinite_total}
     parallel_state.destroy()
     return out

@@ -8,7 +8,6 @@ from torch import nn
 from megawan.layers.backend import DiTBackend
 from megawan.layers.comm import ulysses_heads_to_seq, ulysses_seq_to_heads
 from megawan.layers.norms import HeadsRMSNorm
-from megawan.layers.rope import apply_rope
 
 
 class _Attention(nn.Module):
@@ -46,8 +45,9 @@ class SelfAttention(_Attention):
 
     def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], num_tokens: int):
         q, k, v = self.qkv(x)[0].chunk(3, dim=-1)
-        q, k, v = self._heads(self.norm_q(q)), self._heads(self.norm_k(k)), self._heads(v)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q = self.norm_q.forward_rope(q, *rope, self.local_heads)
+        k = self.norm_k.forward_rope(k, *rope, self.local_heads)
+        v = self._heads(v)
         q, k, v = (ulysses_heads_to_seq(t, self.cp_group) for t in (q, k, v))
         # Padding sits at the end of the global sequence: dropping those keys masks them exactly.
         out = self.kernel(q, k[:num_tokens], v[:num_tokens])

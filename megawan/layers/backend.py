@@ -1,27 +1,34 @@
 """The DiT's backend: how its layers compute, chosen once in ``WanDiT.__init__`` and handed to every layer.
 
 It holds the parallel config and groups, builds the column/row-parallel linears (megatron-core's local
-layers or Transformer Engine's) and the attention kernels, and has the slot for an FP8 recipe. A new
-fast path (FP8 GEMMs, compiled blocks) changes this object, not the layers' signatures.
+layers or Transformer Engine's) and the attention kernels, and carries the FP8 mode (megawan/layers/fp8.py).
+A new fast path (FP8 GEMMs, compiled blocks) changes this object, not the layers' signatures.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
+import torch
 from megatron.core import ModelParallelConfig
+from torch.utils.checkpoint import checkpoint
 
-from megawan.layers import linear
-from megawan.layers.attention_kernels import AttentionKernel, check_backend
+from megawan.layers import fp8, linear
+from megawan.layers.attention_kernels import AttentionKernel, resolve_backend
 
 
 @dataclass(frozen=True)
 class DiTBackend:
     """mp_config: megatron's config (TP/CP sizes, sequence parallelism, GEMM dtype, init switches).
     tp_group / cp_group: this rank's groups (cp_group is None when cp == 1: no Ulysses exchange).
-    linear_impl: resolved, "local" or "te". attention_backend: "auto" | "torch" | "flash" | "te".
-    fp8_recipe: None (bf16/fp32 GEMMs) until the FP8 path lands; it will be applied in ``fp8_autocast``.
+    linear_impl: resolved, "local" or "te". attention_backend: resolved, "torch" | "cudnn" | "flash" | "te"
+    (logged when built). compile_blocks: resolved, whether ``WanDiT`` compiles its blocks.
+    fp8: the FP8 mode (``fp8.FP8_MODES``). fp8_recipe: what the GEMMs of the linears built from this
+    backend use: None (runtime dtype: "off", or a block kept in high precision), a ``fp8.NativeFp8``
+    (native modes) or TE's recipe (te-* modes, applied by ``fp8_autocast``).
+    fp8_amax_group: the group TE reduces amaxes over (None: every rank).
     """
 
     mp_config: ModelParallelConfig
@@ -29,12 +36,18 @@ class DiTBackend:
     cp_group: object
     linear_impl: str
     attention_backend: str
+    fp8: str = "off"
+    compile_blocks: bool = False
     fp8_recipe: object = None
+    fp8_amax_group: object = None
 
     @classmethod
     def build(cls, groups, runtime) -> "DiTBackend":
         """From a ``ParallelGroups`` and a ``DiTRuntime``; fails early when a requested kernel is missing."""
-        check_backend(runtime.attention_backend)
+        attention = resolve_backend(runtime.attention_backend, groups.device, runtime.dtype)
+        impl = fp8.check_mode(runtime.fp8, runtime.linear_impl, runtime.attention_backend, runtime.fp8_attention)
+        if impl == "auto" and groups.device.type != "cuda":
+            impl = "local"  # "auto" means TE only where the ranks compute on a GPU (gloo ranks on a GPU machine do not)
         mp_config = ModelParallelConfig(
             tensor_model_parallel_size=groups.tp, context_parallel_size=groups.cp,
             sequence_parallel=runtime.sequence_parallel and groups.tp > 1, params_dtype=runtime.dtype,
@@ -43,10 +56,24 @@ class DiTBackend:
             use_cpu_initialization=groups.device.type == "cpu",
             perform_initialization=runtime.init_weights, gradient_accumulation_fusion=False,
         )
+        recipe = None
+        if runtime.fp8.startswith("native-"):
+            recipe = fp8.NativeFp8.for_mode(runtime.fp8)
+        elif runtime.fp8.startswith("te-"):
+            recipe = fp8.te_recipe(runtime.fp8, runtime.fp8_attention)
+        compile_blocks = runtime.compile_blocks
+        if compile_blocks is None:  # on by default where it pays: GPUs (CPU inductor compiles slowly)
+            compile_blocks = groups.device.type == "cuda"
+        # TE reduces amaxes over one group: TP x CP x DP = every rank here (no pipeline stages).
         return cls(mp_config, groups.tp_group, groups.cp_group if groups.cp > 1 else None,
-                   # "auto" means TE only where the ranks compute on a GPU (gloo ranks on a GPU machine do not)
-                   linear.resolve_linear_impl("local" if runtime.linear_impl == "auto" and groups.device.type != "cuda"
-                                              else runtime.linear_impl), runtime.attention_backend)
+                   linear_impl=linear.resolve_linear_impl(impl), attention_backend=attention, fp8=runtime.fp8,
+                   compile_blocks=compile_blocks, fp8_recipe=recipe,
+                   fp8_amax_group=torch.distributed.group.WORLD
+                   if recipe is not None and torch.distributed.is_initialized() else None)
+
+    def high_precision(self) -> "DiTBackend":
+        """The same backend with FP8 off for the layers built from it (first / last blocks in bf16)."""
+        return dataclasses.replace(self, fp8_recipe=None)
 
     @property
     def tp(self) -> int:
@@ -65,22 +92,50 @@ class DiTBackend:
     def column_parallel(self, in_features: int, out_features: int, stride: int = 1):
         """Input = the residual stream; see ``linear.column_parallel``."""
         return linear.column_parallel(in_features, out_features, self.mp_config, self.tp_group,
-                                      self.linear_impl, stride=stride)
+                                      self.linear_impl, stride=stride, fp8=self._native_fp8)
 
     def column_parallel_on_replicated(self, in_features: int, out_features: int):
         """Input already replicated in the TP region: no communication."""
         return linear.column_parallel_on_replicated(in_features, out_features, self.mp_config, self.tp_group,
-                                                    self.linear_impl)
+                                                    self.linear_impl, fp8=self._native_fp8)
 
     def row_parallel(self, in_features: int, out_features: int):
-        return linear.row_parallel(in_features, out_features, self.mp_config, self.tp_group, self.linear_impl)
+        return linear.row_parallel(in_features, out_features, self.mp_config, self.tp_group, self.linear_impl,
+                                   fp8=self._native_fp8)
 
     def attention_kernel(self, num_heads: int, head_dim: int) -> AttentionKernel:
         """A kernel module for ``num_heads`` heads per call (a submodule of the layer that uses it)."""
         return AttentionKernel(self.attention_backend, num_heads, head_dim)
 
+    @property
+    def _native_fp8(self):
+        return self.fp8_recipe if isinstance(self.fp8_recipe, fp8.NativeFp8) else None
+
+    @property
+    def _te_fp8(self) -> bool:
+        return self.fp8.startswith("te-")
+
     def fp8_autocast(self):
-        """The context the blocks run in: nothing today; the FP8 recipe's autocast once it lands."""
-        if self.fp8_recipe is not None:
-            raise NotImplementedError("the DiT has no FP8 path yet: leave fp8_recipe as None")
+        """The context all blocks run in: TE's FP8 autocast in te-* modes (built with the model's backend).
+
+        Native modes need no context: their linears are FP8 themselves.
+        """
+        if self._te_fp8 and self.fp8_recipe is not None:
+            return fp8.te_autocast(self.fp8_recipe, self.fp8_amax_group)
         return contextlib.nullcontext()
+
+    def block_context(self):
+        """The context one block runs in, inside ``fp8_autocast``: TE's FP8 switched off for a block kept
+        in high precision (the native path builds such a block's linears without FP8)."""
+        if self._te_fp8 and self.fp8_recipe is None:
+            return fp8.te_disabled()
+        return contextlib.nullcontext()
+
+    def checkpoint(self, fn, *args):
+        """Activation checkpointing of one block: TE's checkpoint in te-* modes (it recomputes under the
+        same FP8 state), torch's otherwise."""
+        if self._te_fp8:
+            from transformer_engine.pytorch.distributed import checkpoint as te_checkpoint
+
+            return te_checkpoint(fn, *args)
+        return checkpoint(fn, *args, use_reentrant=False)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from torch import nn
 
+from megawan.layers import fused
 from megawan.layers.comm import all_reduce_sum
 from megawan.utils import group_size
 
@@ -34,10 +35,18 @@ class HeadsRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim // tp))
         set_tensor_model_parallel_attributes(self.weight, True, 0, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        sum_sq = xf.pow(2).sum(dim=-1, keepdim=True)
+    def sum_sq(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-token sum of squares over all ``dim`` features, fp32 [..., 1] (all-reduced over TP)."""
+        sum_sq = x.float().pow(2).sum(dim=-1, keepdim=True)
         if group_size(self.tp_group) > 1:
             sum_sq = all_reduce_sum(sum_sq, self.tp_group)
-        out = xf * torch.rsqrt(sum_sq / self.dim + self.eps)
+        return sum_sq
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.float() * torch.rsqrt(self.sum_sq(x) / self.dim + self.eps)
         return (out * self.weight.float()).to(x.dtype)
+
+    def forward_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
+        """Normalise, split into ``heads`` and apply RoPE in one fused pass: [s, b, heads, d]."""
+        args = (x, self.sum_sq(x), self.weight, self.dim, self.eps, cos, sin, heads)
+        return fused.maybe_compiled(fused.rms_norm_rope, x)(*args)

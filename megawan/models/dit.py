@@ -9,15 +9,18 @@ Under CP every gradient is a partial sum over CP ranks (they fold into the data-
 
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import replace
 
 import torch
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from megawan import parallel_state
 from megawan.checkpoint.dit_io import load_dit_weights, save_dit_weights
+from megawan.layers import fused
 from megawan.layers.attention import CrossAttention, FeedForward, SelfAttention
 from megawan.layers.backend import DiTBackend
 from megawan.layers.embeddings import PatchEmbedding, StateEmbedding, WanHead, timestep_sinusoid
@@ -30,29 +33,114 @@ from megawan.parallel_state import ParallelGroups
 __all__ = ["WanDiT", "WanBlock", "WanDiTConfig", "DiTRuntime"]
 
 
-class WanBlock(nn.Module):
-    """One Wan block: modulated self-attention, cross-attention (no gate), modulated FFN."""
+# Ops whose outputs "selective" recomputation keeps: the attention cores (SDPA's kernels: cuDNN,
+# FlashAttention-2, memory-efficient, CPU flash). Everything else in the block is recomputed.
+_ATTENTION_CORE_OPS = tuple(getattr(torch.ops.aten, name).default for name in (
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    if hasattr(torch.ops.aten, name))
 
-    def __init__(self, cfg: WanDiTConfig, backend: DiTBackend, dtype: torch.dtype):
+
+def _keep_attention_cores(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _ATTENTION_CORE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_SELECTIVE = functools.partial(create_selective_checkpoint_contexts, _keep_attention_cores)
+
+
+class WanBlock(nn.Module):
+    """One Wan block: modulated self-attention, cross-attention (no gate), modulated FFN.
+
+    ``recompute`` (None, "full", "selective", "ffn"; see ``DiTRuntime``) is applied inside
+    ``forward``, so a compiled block traces its checkpoint too (the partitioner then recomputes).
+    """
+
+    def __init__(self, cfg: WanDiTConfig, backend: DiTBackend, dtype: torch.dtype, recompute: str | None = None):
         super().__init__()
         args = (cfg.dim, cfg.num_heads, cfg.eps, backend)
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
-        self.norm1 = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
         self.self_attn = SelfAttention(*args)
         self.norm3 = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=True)
         self.cross_attn = CrossAttention(*args)
-        self.norm2 = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
         self.ffn = FeedForward(cfg.dim, cfg.ffn_dim, backend)
-        self.dtype = dtype
+        self.eps, self.dtype, self.recompute = cfg.eps, dtype, recompute
+        self._te_checkpoint = backend.checkpoint if backend._te_fp8 else None
 
     def forward(self, x, e0, context, rope_cos, rope_sin, num_tokens: int):
         """x [s, b, dim] fp32; e0 [s or 1, b, 6, dim] fp32; context [512, b, dim] in the TP region."""
+        args = (x, e0, context, rope_cos, rope_sin, num_tokens)
+        if self.recompute in ("full", "selective") and self._recomputing():
+            if self._te_checkpoint is not None:  # TE FP8: TE's checkpoint recomputes under the same FP8 state
+                return self._te_checkpoint(self._forward, *args)
+            extra = {"context_fn": _SELECTIVE} if self.recompute == "selective" else {}
+            return checkpoint(self._forward, *args, use_reentrant=False, **extra)
+        return self._forward(*args)
+
+    def _recomputing(self) -> bool:
+        return self.training and torch.is_grad_enabled()
+
+    def _forward(self, x, e0, context, rope_cos, rope_sin, num_tokens: int):
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unbind(2)
-        h = (self.norm1(x) * (1 + scale1) + shift1).to(self.dtype)
-        x = x + self.self_attn(h, (rope_cos, rope_sin), num_tokens).float() * gate1
-        x = x + self.cross_attn(self.norm3(x).to(self.dtype), context).float()
-        h = (self.norm2(x) * (1 + scale2) + shift2).to(self.dtype)
-        return x + self.ffn(h).float() * gate2
+        h = fused.maybe_compiled(fused.modulated_layer_norm, x)(x, shift1, scale1, self.eps, self.dtype)
+        x = fused.maybe_compiled(fused.gated_residual, x)(x, self.self_attn(h, (rope_cos, rope_sin), num_tokens),
+                                                           gate1)
+        x = x + self.cross_attn(self.norm3(x).to(self.dtype), context)  # fp32 + bf16 -> fp32, no copy
+        if self.recompute == "ffn" and self._recomputing():
+            return checkpoint(self._ffn, x, shift2, scale2, gate2, use_reentrant=False)
+        return self._ffn(x, shift2, scale2, gate2)
+
+    def _ffn(self, x, shift, scale, gate):
+        h = fused.maybe_compiled(fused.modulated_layer_norm, x)(x, shift, scale, self.eps, self.dtype)
+        return fused.maybe_compiled(fused.gated_residual, x)(x, self.ffn(h), gate)
+
+
+def compile_blocks(blocks, collectives_inside: bool = False) -> None:
+    """Regional compilation: ``torch.compile`` each block in place. The blocks share one code object
+    and their parameters are graph inputs, so the first block's graph serves all of them.
+
+    Without collectives in the block (TP = CP = 1) the whole ``forward`` is compiled, recomputation
+    included: dynamo traces the checkpoint and the partitioner applies the "selective" policy. With
+    TP or CP > 1 (``collectives_inside``), megatron-core's linears (async collectives in their
+    backward) and all-to-all are graph breaks; dynamo cannot trace a checkpoint region that holds a
+    graph break (it would run the whole region eagerly), so there the checkpoint stays eager around
+    the compiled ``_forward`` / ``_ffn``. The "selective" policy then sees no attention op (it is
+    inside a compiled graph) and recomputes the whole block, like "full": warned at build time.
+    """
+    _quiet_megatron_tp_group_default()
+    for block in blocks:
+        if collectives_inside and block.recompute is not None:
+            if block.recompute == "selective":
+                warnings.warn("compiled blocks at TP or CP > 1: 'selective' recomputation recomputes the "
+                              "attention too (as 'full'); use 'ffn', or compile_blocks=False", stacklevel=3)
+            block._forward = torch.compile(block._forward)
+            block._ffn = torch.compile(block._ffn)
+        else:
+            block.compile()
+
+
+def _quiet_megatron_tp_group_default() -> None:
+    """megatron-core's RowParallelLinear passes ``tp_group=None`` to its GEMM function, whose
+    ``get_tensor_model_parallel_group_if_none`` then warns on rank 0 at every call: a graph break per
+    row-parallel layer in a compiled block. This stand-in returns the same default group silently
+    (the GEMM does not use it there: the row layer does its own reduction)."""
+    from megatron.core import parallel_state as mps
+    from megatron.core.tensor_parallel import layers as mlayers
+
+    original = mlayers.get_tensor_model_parallel_group_if_none
+    if getattr(original, "_megawan_quiet", False):
+        return
+
+    def group_if_none(tp_group, is_expert=False, check_initialized=True):
+        if not torch.distributed.is_initialized():
+            return None
+        if tp_group is not None or not mps.is_initialized():
+            return tp_group
+        if is_expert:
+            return mps.get_expert_tensor_parallel_group(check_initialized=check_initialized)
+        return mps.get_tensor_model_parallel_group(check_initialized=check_initialized)
+
+    group_if_none._megawan_quiet = True
+    mlayers.get_tensor_model_parallel_group_if_none = group_if_none
 
 
 class WanDiT(nn.Module):
@@ -81,11 +169,17 @@ class WanDiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.state_embedding = (StateEmbedding(config.state_dim, config.frames_per_latent, d)
                                 if config.state_dim else None)
-        self.blocks = nn.ModuleList(WanBlock(config, self.backend, rt.dtype)
-                                    for _ in range(config.num_layers))
+        # Each block's backend: the model's, or the same with FP8 off for the first / last fp8_bf16_blocks.
+        n, edge = config.num_layers, rt.fp8_bf16_blocks
+        self._block_backends = [self.backend.high_precision() if i < edge or i >= n - edge else self.backend
+                                for i in range(n)]
+        self.blocks = nn.ModuleList(WanBlock(config, b, rt.dtype, rt.block_recompute(i))
+                                    for i, b in enumerate(self._block_backends))
         self.head = WanHead(d, config.out_channels * config.patch_features, config.eps)
         self._tag_replicated_params()
         self.to(groups.device)
+        if self.backend.compile_blocks:
+            compile_blocks(self.blocks, collectives_inside=groups.tp * groups.cp > 1)
 
     def _tag_replicated_params(self) -> None:
         """Mark replicated params whose grads are partial sums over this rank's sequence shard.
@@ -196,10 +290,8 @@ class WanDiT(nn.Module):
         cos, sin = rope_tables(self.config.head_dim, grid, start, end, shards.num_tokens,
                                self.config.rope_theta, device=x.device)
         with self.backend.fp8_autocast():
-            for block in self.blocks:
-                if self.runtime.activation_checkpointing and self.training:
-                    x = checkpoint(block, x, e0, context, cos, sin, shards.num_tokens, use_reentrant=False)
-                else:
+            for block, backend in zip(self.blocks, self._block_backends):
+                with backend.block_context():
                     x = block(x, e0, context, cos, sin, shards.num_tokens)
         out = shards.gather(self.head(x, e))[: shards.num_tokens]
         return self._unpatchify(out, grid)

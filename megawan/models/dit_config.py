@@ -150,6 +150,9 @@ def _check_fixed_release_keys(d: dict) -> None:
                              f"{' / '.join(repr(a) for a in allowed)}): this config describes another model")
 
 
+RECOMPUTE_GRANULARITIES = ("full", "selective", "ffn")
+
+
 @dataclass(frozen=True)
 class DiTRuntime:
     """How the model runs: precision, parallel switches and kernels (not part of the architecture).
@@ -158,9 +161,28 @@ class DiTRuntime:
         residual stream stay fp32 as in the release.
     sequence_parallel: Megatron SP on the residual stream (only meaningful with tp > 1).
     linear_impl: "auto" | "local" (megatron-core) | "te" (Transformer Engine).
-    attention_backend: "auto" | "torch" | "flash" | "te".
-    activation_checkpointing: recompute each block in backward.
+    attention_backend: "auto" | "torch" | "cudnn" | "flash" | "te"; resolved once and logged
+        (megawan/layers/attention_kernels.py: "auto" = cuDNN attention on CUDA with bf16, else SDPA).
+    activation_checkpointing: recompute in backward, as ``recompute_granularity`` and
+        ``recompute_num_blocks`` say (off: every activation is kept).
+    recompute_granularity: what a recomputing block recomputes:
+        "full": the whole block (only its inputs are kept);
+        "selective": the whole block except the attention cores: their outputs (and softmax
+            statistics) are kept, everything else (GEMMs, norms, RoPE, modulation) is recomputed;
+            applies to SDPA kernels ("torch", "cudnn"), which is what "auto" picks;
+        "ffn": only the FFN half (norm2, modulation, fc1, GELU, fc2, gate); the attentions keep
+            their activations. The cheapest in FLOPs: it frees the [L, ffn_dim] intermediates.
+    recompute_num_blocks: how many blocks recompute (the first N, Megatron's "block" method); the
+        others keep everything. None = all blocks.
+    compile_blocks: ``torch.compile`` each block (regional compilation: one graph reused by all
+        blocks). None = on when the model runs on CUDA, off on CPU.
     init_weights: initialise the parallel linears (off when weights are loaded right after).
+    fp8: FP8 GEMMs in the blocks' linears (self-attention q/k/v and o, cross-attention q, k, v and o,
+        FFN fc1 and fc2): "off" | "native-tensorwise" | "native-rowwise" (torch._scaled_mm, runs
+        everywhere) | "te-delayed" | "te-current" (Transformer Engine). See megawan/layers/fp8.py.
+        Embeddings, modulation and head stay in high precision; master weights and checkpoints too.
+    fp8_bf16_blocks: keep the first and the last N blocks' GEMMs in ``dtype`` (0: every block in FP8).
+    fp8_attention: TE's FP8 dot-product attention (te-* modes with attention_backend "te" only).
     """
 
     dtype: torch.dtype = torch.float32
@@ -168,4 +190,27 @@ class DiTRuntime:
     linear_impl: str = "auto"
     attention_backend: str = "auto"
     activation_checkpointing: bool = False
+    recompute_granularity: str = "full"
+    recompute_num_blocks: int | None = None
+    compile_blocks: bool | None = None
     init_weights: bool = True
+    fp8: str = "off"
+    fp8_bf16_blocks: int = 0
+    fp8_attention: bool = False
+
+    def __post_init__(self):
+        if self.fp8_bf16_blocks < 0:
+            raise ValueError(f"fp8_bf16_blocks must be >= 0, got {self.fp8_bf16_blocks}")
+        if self.recompute_granularity not in RECOMPUTE_GRANULARITIES:
+            raise ValueError(f"recompute_granularity must be one of {RECOMPUTE_GRANULARITIES}, "
+                             f"got {self.recompute_granularity!r}")
+        if self.recompute_num_blocks is not None and self.recompute_num_blocks < 0:
+            raise ValueError(f"recompute_num_blocks must be >= 0 or None, got {self.recompute_num_blocks}")
+
+    def block_recompute(self, index: int) -> str | None:
+        """What block ``index`` recomputes in backward: a granularity, or None (keeps everything)."""
+        if not self.activation_checkpointing:
+            return None
+        if self.recompute_num_blocks is not None and index >= self.recompute_num_blocks:
+            return None
+        return self.recompute_granularity

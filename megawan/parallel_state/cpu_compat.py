@@ -154,7 +154,9 @@ def torch_adam_reshardable_load() -> None:
     whose per-parameter state carries a ``step`` tensor. Its reshardable load copies every state key from
     the checkpoint, which (rightly) stores ``step`` once per param group, not per tensor, and so fails with
     ``KeyError: 'step'``. The step itself is restored from the param groups before this copy; this wrapper
-    only leaves it out of the per-tensor copy. Idempotent; nothing changes where the fused Adam is used.
+    leaves it out of the per-tensor copy and gives each parameter its own step tensor (megatron sets one
+    shared tensor, which torch's Adam would then advance once per parameter). Idempotent; nothing changes
+    where the fused Adam is used.
     """
     from megatron.core.optimizer import distrib_optimizer as mdo
 
@@ -171,7 +173,9 @@ def torch_adam_reshardable_load() -> None:
             original(self, model_param, tensors)
         finally:
             if step is not None:
-                state["step"] = step
+                # megatron hands every parameter the same step tensor; torch's Adam increments each
+                # parameter's step in place, so a shared one would advance once per parameter per step
+                state["step"] = step.clone()
 
     cls._set_main_param_and_optimizer_states = set_states
     cls._megawan_step_patch = True

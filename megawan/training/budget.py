@@ -7,7 +7,7 @@ as the same (bf16-equivalent) FLOPs.
 
 Memory (``estimate_memory``) per rank, in bytes, for megawan's layout (TP splits the block GEMMs and
 q/k-norm weights; everything else is replicated):
-- weights: GEMM weights in the compute dtype, the rest fp32;
+- weights: GEMM weights and biases in the compute dtype, the rest (norms, embeddings, head) fp32;
 - gradients: megatron DDP's fp32 grad buffer (grad_reduce_in_fp32), one per parameter;
 - optimizer: the distributed optimizer's fp32 master copy + Adam's two moments (12 B / param), sharded
   over the DP x CP ranks; an EMA adds a replicated fp32 copy (4 B / param);
@@ -78,9 +78,10 @@ class MemoryEstimate:
         return self.weights + self.grads + self.optimizer + self.activations
 
     def describe(self) -> str:
-        parts = ", ".join(f"{k} {getattr(self, k) / GIB:.1f}" for k in ("weights", "grads", "optimizer",
-                                                                         "activations"))
-        return f"{self.total / GIB:.1f} GiB ({parts} GiB)"
+        unit, scale = ("GiB", GIB) if self.total >= GIB else ("MiB", 2**20)
+        parts = ", ".join(f"{k} {getattr(self, k) / scale:.1f}" for k in ("weights", "grads", "optimizer",
+                                                                          "activations"))
+        return f"{self.total / scale:.1f} {unit} ({parts} {unit})"
 
 
 def estimate_memory(cfg: WanDiTConfig, *, tokens: int, batch: int, tp: int, cp: int, dp: int,
@@ -88,7 +89,10 @@ def estimate_memory(cfg: WanDiTConfig, *, tokens: int, batch: int, tp: int, cp: 
                     sequence_parallel: bool = True) -> MemoryEstimate:
     split, replicated = dit_param_counts(cfg)
     params = split / tp + replicated
-    weights = split / tp * compute_bytes + replicated * 4
+    # GEMM weights and biases in the compute dtype, except the fp32 q/k-norm weights (split, 4 D per
+    # block); the replicated o / fc2 biases (3 D per block) are GEMM biases: compute dtype
+    norms, biases = 4 * cfg.dim * cfg.num_layers, 3 * cfg.dim * cfg.num_layers
+    weights = ((split - norms) * compute_bytes + norms * 4) / tp + (replicated - biases) * 4 + biases * compute_bytes
     grads = params * 4
     optimizer = params * 12 / (dp * cp) + (params * 4 if ema else 0)
     sp = tp if sequence_parallel else 1

@@ -19,6 +19,8 @@ from pathlib import Path
 import yaml
 
 from megawan.diffusion import FlowMatchingConfig
+from megawan.layers.fp8 import FP8_MODES
+from megawan.models.dit_config import RECOMPUTE_GRANULARITIES
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "presets" / "train"  # package data; configs/train links here
 
@@ -43,8 +45,13 @@ class ModelSection:
     state_dim: int = 0  # robot-state conditioning (25 for 1X); 0 = off
     dtype: str = "bfloat16"  # GEMM weights / compute; residual stream, norms, embeddings stay fp32
     activation_checkpointing: bool = False
+    recompute_granularity: str = "full"  # full | selective (keep attention outputs) | ffn (recompute the FFN only)
+    recompute_num_blocks: int | None = None  # only the first N blocks recompute; None = all
+    compile_blocks: bool | None = None  # torch.compile each block; None = on with CUDA
     linear_impl: str = "auto"
     attention_backend: str = "auto"
+    fp8: str = "off"  # off | native-tensorwise | native-rowwise | te-delayed | te-current (the blocks' GEMMs)
+    fp8_bf16_blocks: int = 0  # first and last N blocks kept in `dtype`
 
 
 @dataclass
@@ -100,6 +107,9 @@ class ValidationSection:
     num_clips: int = 4
     sigmas: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
     seed: int = 1234
+    rollout_every: int = 0  # steps between world-model rollouts scored by PSNR / SSIM; 0 = off (needs a 1X split)
+    rollout_clips: int = 2
+    rollout_steps: int = 20  # sampler steps per rollout
 
 
 @dataclass
@@ -128,6 +138,8 @@ class TrainConfig:
 
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
+    "model.fp8": FP8_MODES,
+    "model.recompute_granularity": RECOMPUTE_GRANULARITIES,
     "data.source": ("1x", "cache"),
     "data.bad_input": ("skip", "raise"),
     "optim.decay_style": ("cosine", "linear", "constant"),
@@ -261,7 +273,9 @@ def _check_rules(cfg: TrainConfig) -> None:
                 "optim.grad_accumulation": cfg.optim.grad_accumulation, "parallel.tp": cfg.parallel.tp,
                 "parallel.cp": cfg.parallel.cp, "checkpoint.keep": cfg.checkpoint.keep,
                 "optim.max_nonfinite_in_a_row": cfg.optim.max_nonfinite_in_a_row,
-                "validation.num_clips": cfg.validation.num_clips}
+                "validation.num_clips": cfg.validation.num_clips,
+                "validation.rollout_clips": cfg.validation.rollout_clips,
+                "validation.rollout_steps": cfg.validation.rollout_steps}
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
@@ -275,13 +289,16 @@ def _check_rules(cfg: TrainConfig) -> None:
     if cfg.data.size is not None and (len(cfg.data.size) != 2 or any(s % 16 for s in cfg.data.size)):
         raise ConfigError(f"data.size must be [H, W] with multiples of 16 (the VAE's spatial factor), "
                           f"got {cfg.data.size}")
+    if cfg.optim.warmup_steps >= cfg.run.steps:
+        raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} must be < run.steps={cfg.run.steps} "
+                          "(the LR schedule warms up, then decays over the remaining steps)")
     if not 0.0 <= cfg.optim.ema_decay < 1.0:
         raise ConfigError(f"optim.ema_decay must lie in [0, 1), got {cfg.optim.ema_decay}")
     if cfg.optim.lr <= 0 or cfg.optim.min_lr < 0 or cfg.optim.min_lr > cfg.optim.lr:
         raise ConfigError(f"optim.lr must be > 0 and 0 <= optim.min_lr <= optim.lr "
                           f"(got {cfg.optim.lr}, {cfg.optim.min_lr})")
     for key in ("checkpoint.every", "validation.every", "logging.every", "optim.warmup_steps",
-                "run.exit_after_steps"):
+                "run.exit_after_steps", "validation.rollout_every"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:
             raise ConfigError(f"{key} must be >= 0")

@@ -20,6 +20,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer import TransformerConfig
 
 from megawan.parallel_state import cpu_compat
+from megawan.parallel_state.grads import all_reduce_flat
 
 
 def wrap_ddp(model, groups, *, bucket_size: int | None = None) -> DistributedDataParallel:
@@ -72,12 +73,7 @@ def finish_grad_sync(ddp: DistributedDataParallel, groups) -> None:
     if groups.tp > 1 and ddp.module.sequence_parallel:
         grads = [p.main_grad for p in ddp.module.parameters() if getattr(p, "sequence_parallel", False)]
         if grads:
-            flat = torch.cat([g.flatten() for g in grads])  # one collective for all of them
-            dist.all_reduce(flat, group=groups.tp_group)
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
+            all_reduce_flat(grads, groups.tp_group)
 
 
 def grads_are_finite(ddp: DistributedDataParallel) -> bool:

@@ -34,7 +34,7 @@ from megawan.parallel_state import LayoutError, ParallelLayout
 from megawan.training import checkpointing
 from megawan.training.budget import GIB, dit_flops, estimate_memory, suggest_layout
 from megawan.training.config import TrainConfig, dump_config
-from megawan.training.data import Batch, TrainingData, build_dataset, latent_shape, validation_clips
+from megawan.training.data import Batch, TrainingData, build_dataset, build_vae, latent_shape, validation_clips
 from megawan.training.metrics import MetricsLogger, peak_memory_gib
 from megawan.training.optim import EMA, build_optimizer, finish_grad_sync, grads_are_finite, wrap_ddp
 
@@ -120,7 +120,11 @@ class Trainer:
         dtype = getattr(torch, cfg.model.dtype)
         runtime = DiTRuntime(dtype=dtype, sequence_parallel=cfg.parallel.sequence_parallel,
                              linear_impl=cfg.model.linear_impl, attention_backend=cfg.model.attention_backend,
-                             activation_checkpointing=cfg.model.activation_checkpointing)
+                             activation_checkpointing=cfg.model.activation_checkpointing,
+                             recompute_granularity=cfg.model.recompute_granularity,
+                             recompute_num_blocks=cfg.model.recompute_num_blocks,
+                             compile_blocks=cfg.model.compile_blocks,
+                             fp8=cfg.model.fp8, fp8_bf16_blocks=cfg.model.fp8_bf16_blocks)
         if cfg.model.init:
             self.model = WanDiT.from_pretrained(cfg.model.init, dtype=dtype, groups=self.groups, runtime=runtime,
                                                 state_dim=cfg.model.state_dim or None)
@@ -140,6 +144,7 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self._stop_requested = False
         self._val_cache: list | None = None
+        self._rollout_clips: list | None = None
 
     # ---- one step ------------------------------------------------------------------------------
 
@@ -246,6 +251,23 @@ class Trainer:
         self.model.train()
         return out
 
+    @torch.no_grad()
+    def rollouts(self) -> dict:
+        """World-model rollouts on fixed held-out clips, scored like the 1X challenge (PSNR / SSIM of the
+        predicted frames against the truth and the copy-last-context-frame baseline)."""
+        from megawan.evaluation import evaluate_rollouts
+        from megawan.pipelines.sampling import SamplingConfig
+
+        vcfg, data_cfg = self.cfg.validation, self.cfg.data
+        if self._rollout_clips is None:  # raw clips (video + states) of the held-out split, read once
+            dataset = build_dataset(dataclasses.replace(data_cfg, source="1x"), vcfg.root or data_cfg.root)
+            self._rollout_clips = [dataset[i] for i in validation_clips(len(dataset), vcfg.rollout_clips)]
+        vae = self.data.vae if self.data.vae is not None else build_vae(data_cfg, self.groups.device)
+        context = 4 * (self.cfg.objective.clean_frames - 1) + 1  # K clean latent frames <- 4 (K - 1) + 1 frames
+        return evaluate_rollouts(self.model, vae, self._rollout_clips, self.groups, text=self.data.empty_text,
+                                 config=SamplingConfig(steps=vcfg.rollout_steps, guidance=1.0),
+                                 context_frames=context, seed=vcfg.seed)
+
     # ---- checkpoints ----------------------------------------------------------------------------
 
     def _common_state(self) -> dict:
@@ -313,7 +335,7 @@ class Trainer:
                             progress_bar=cfg.logging.progress_bar)
         log.message(f"megawan train: tp={self.groups.tp} cp={self.groups.cp} dp={self.groups.dp} "
                     f"(sequence parallel {self.model.sequence_parallel}), {self.tokens} tokens/sample, "
-                    f"dtype {cfg.model.dtype}, steps {self.step} -> {cfg.run.steps}"
+                    f"dtype {cfg.model.dtype}, fp8 {cfg.model.fp8}, steps {self.step} -> {cfg.run.steps}"
                     + (f", resumed from {resumed}" if resumed else ""))
         previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         batches = self.data.batches()
@@ -337,6 +359,8 @@ class Trainer:
                 log.log(self.step, last)
                 if cfg.validation.every and self.step % cfg.validation.every == 0:
                     log.log(self.step, self.validate(), kind="validation")
+                if cfg.validation.rollout_every and self.step % cfg.validation.rollout_every == 0:
+                    log.log_rollouts(self.step, self.rollouts())
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.run.steps:
                     self.save()
             path = self.save()
