@@ -47,10 +47,10 @@ def launch(tmp_path):
 
 def test_train_resolves_layout_and_overrides_into_one_torchrun(launch):
     out, argv = launch("train.sh", "--nproc", "4", "--tp", "2", "--cp", "2", "--config", "tiny_1x",
-                       "--run.steps", "3", "--optim.lr=0.001")
+                       "--run.steps", "30", "--optim.lr=0.001")
     assert out.returncode == 0, out.stderr
     assert argv == ["--standalone", "--nproc_per_node", "4", "-m", "megawan.train", "--config", "tiny_1x",
-                    "--run.steps", "3", "--optim.lr=0.001", "--parallel.tp", "2", "--parallel.cp", "2"]
+                    "--run.steps", "30", "--optim.lr=0.001", "--parallel.tp", "2", "--parallel.cp", "2"]
     assert "train on 1 node(s) x 4 rank(s), tp=2 cp=2 dp=1" in out.stdout
     assert "+ 'bash' 'launch/torchrun.sh' '4' 'megawan.train'" in out.stdout  # printed before it runs
 
