@@ -76,7 +76,7 @@ class LocalSlurm:
         self.conf.write_text(self._config(sock))
         self._spawn("slurmctld", [_binary("slurmctld"), "-D", "-i", "-f", str(self.conf)])
         self._spawn("slurmd", [_binary("slurmd"), "-D", "-f", str(self.conf), "-N", self.host])
-        self._wait(self._node_idle, timeout_s, "the node to register as idle")
+        self._wait(self.node_idle, timeout_s, "the node to register as idle")
         return self
 
     def stop(self, timeout_s: float = 30.0) -> None:
@@ -174,7 +174,7 @@ class LocalSlurm:
             time.sleep(0.3)
         raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}\n{self.logs_tail()}")
 
-    def _node_idle(self) -> bool:
+    def node_idle(self) -> bool:
         out = self.run([_binary("sinfo"), "--noheader", "--format=%T"], timeout_s=20)
         return out.returncode == 0 and out.stdout.strip() == "idle"
 

@@ -95,10 +95,16 @@ def test_training_job_is_preempted_requeues_itself_and_resumes(slurm, data_root,
     # the job requeues itself; SLURM then holds it for a while (Reason=BeginTime): release it now
     wait_for(lambda: slurm.job(job).get("Restarts") == "1" and slurm.job(job).get("JobState") == "PENDING", 300,
              "the job to requeue itself", slurm, job)
+    # only once the first start has left the node, and a second later: slurmd refuses a job credential
+    # issued in the same second as the old one's revocation ("Job credential revoked")
+    wait_for(slurm.node_idle, 120, "the node to be released", slurm, job)
+    time.sleep(2)
     assert slurm.run(["scontrol", "update", f"JobId={job}", "StartTime=now"]).returncode == 0
     info = slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 400)
     text = log.read_text()
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, text[-3000:])
+    if info["JobState"] != "COMPLETED" or info["ExitCode"] != "0:0":
+        pytest.fail(f"job {info['JobState']} {info['ExitCode']}; its log ends:\n{text[-5000:]}\n"
+                    f"{slurm.logs_tail()}", pytrace=False)
     assert info["Restarts"] == "1"
 
     # first start: stopped by the signal at a step boundary with a checkpoint, then requeued
