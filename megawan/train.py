@@ -21,6 +21,7 @@ from megawan import parallel_state  # noqa: E402
 from megawan.parallel_state import LayoutError  # noqa: E402
 from megawan.parallel_state.launch import launch_env, startup_error  # noqa: E402
 from megawan.training.config import ConfigError, load_config  # noqa: E402
+from megawan.training.signals import StopRequest  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None):
@@ -32,6 +33,7 @@ def parse_args(argv: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None) -> dict | None:
+    stop = StopRequest().install()  # first: a scheduler's SIGUSR1 during start-up becomes a checkpoint
     args, overrides = parse_args(argv)
     rank = launch_env()["rank"]
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
@@ -51,11 +53,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     from megawan.training.trainer import MemoryBudgetError, Trainer
 
     try:
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, stop)
     except (LayoutError, MemoryBudgetError, FileNotFoundError, ValueError) as e:
         startup_error(e, rank)
     result = trainer.fit()
-    if rank == 0:
+    if rank == 0 and not result["preempted"]:  # a preempted run has said so ("preempted: ...")
         out = cfg.run.out_dir
         print(f"done: step {result['step']}, last loss {result.get('loss', float('nan')):.4f}\n"
               f"  checkpoints: {out}/checkpoints (latest {result['checkpoint']})\n"

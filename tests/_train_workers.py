@@ -143,3 +143,18 @@ def nan_batches(overrides: dict, max_in_a_row: int):
     parallel_state.destroy()
     return {"good": good, "outcomes": outcomes, "unchanged_by_nan": unchanged, "moved_by_good": moved,
             "nonfinite_total": trainer.nonfinite_total}
+
+
+def signal_during_startup(overrides: dict):
+    """SIGUSR1 arrives while the trainer is still building (as a scheduler may send it): not lost."""
+    from megawan.training import trainer as trainer_module
+
+    original = trainer_module.check_memory
+
+    def check_then_signal(*args, **kwargs):
+        if dist.get_rank() == 0:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return original(*args, **kwargs)
+
+    trainer_module.check_memory = check_then_signal
+    return train(overrides, return_params=False)

@@ -133,6 +133,13 @@ def test_a_stop_signal_checkpoints_and_the_resume_continues(data_root, tmp_path,
     assert len(resumed["losses"]) == 5  # 2 before the signal, 3 after
 
 
+def test_a_signal_during_start_up_is_not_lost(data_root, tmp_path):
+    over = w.tiny_overrides(data_root, tmp_path / "run", **{"run.steps": 5, "parallel.tp": 2, "parallel.cp": 1})
+    stopped = run_distributed(w.signal_during_startup, 2, over)[0]
+    assert stopped["result"]["preempted"] and stopped["result"]["step"] == 0
+    assert os.path.isdir(tmp_path / "run" / "checkpoints" / "step_00000000")
+
+
 def test_a_dead_rank_ends_the_others_within_the_collective_timeout(data_root, tmp_path):
     over = w.tiny_overrides(data_root, tmp_path / "run", **{"run.steps": 6, "parallel.tp": 2, "parallel.cp": 1})
     os.environ["MEGAWAN_DIST_TIMEOUT_S"] = "30"

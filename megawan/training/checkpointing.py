@@ -90,6 +90,7 @@ def _rng_state() -> dict:
 
 
 def build_sharded_state_dict(model, optimizer, groups, *, ema=None, common: dict) -> dict:
+    _init_adam_state(optimizer)  # a checkpoint before the first step (e.g. a signal during start-up)
     model_sd = model_sharded_state_dict(model, groups)
     sd = {"model": model_sd,
           "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=False, metadata={
@@ -163,7 +164,8 @@ def remove_torn(root) -> None:
 
 
 def _init_adam_state(optimizer) -> None:
-    """Give every parameter an (empty) Adam state before a load into a fresh optimizer.
+    """Give every parameter an (empty) Adam state: before a load into a fresh optimizer, or a save before
+    the first step.
 
     megatron-core 0.16.1's DistributedOptimizer.state_dict() reads each parameter's Adam ``step`` when
     neither Apex nor Transformer Engine provides the fused Adam, and so fails on an optimizer that has not

@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import signal
 import time
 from pathlib import Path
 
@@ -36,12 +35,10 @@ from megawan.training.budget import GIB, dit_flops, estimate_memory, suggest_lay
 from megawan.training.config import TrainConfig, dump_config
 from megawan.training.data import Batch, TrainingData, build_dataset, build_vae, latent_shape, validation_clips
 from megawan.training.metrics import MetricsLogger, peak_memory_gib
+from megawan.training.signals import StopRequest
 from megawan.training.optim import EMA, build_optimizer, finish_grad_sync, grads_are_finite, wrap_ddp
 
 logger = logging.getLogger("megawan.train")
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. non-finite losses in a row); the message says why."""
@@ -104,7 +101,8 @@ def _derive_seed(*parts: int) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, stop: StopRequest | None = None):
+        self.stop = stop or StopRequest().install()  # before the slow start-up: no signal is lost
         self.cfg = cfg
         self.out_dir = Path(cfg.run.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
@@ -142,7 +140,6 @@ class Trainer:
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_in_a_row = 0
-        self._stop_requested = False
         self._val_cache: list | None = None
         self._rollout_clips: list | None = None
 
@@ -303,12 +300,9 @@ class Trainer:
 
     # ---- signals --------------------------------------------------------------------------------
 
-    def _on_signal(self, signum, frame) -> None:
-        self._stop_requested = True
-
     def _agree_to_stop(self) -> bool:
         """True on every rank when any rank got a stop signal (signals may reach only some ranks)."""
-        flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.groups.device)
+        flag = torch.tensor([1.0 if self.stop.requested else 0.0], device=self.groups.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() > 0
 
@@ -337,7 +331,6 @@ class Trainer:
                     f"(sequence parallel {self.model.sequence_parallel}), {self.tokens} tokens/sample, "
                     f"dtype {cfg.model.dtype}, fp8 {cfg.model.fp8}, steps {self.step} -> {cfg.run.steps}"
                     + (f", resumed from {resumed}" if resumed else ""))
-        previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         batches = self.data.batches()
         preempted = False
         last: dict = {}
@@ -365,8 +358,7 @@ class Trainer:
                     self.save()
             path = self.save()
         finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+            self.stop.restore()
             log.close()
         if preempted and self.rank == 0:
             print(f"preempted: checkpoint {path} written at step {self.step}; rerun the same command to resume",
