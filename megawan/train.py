@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     result = trainer.fit()
     if rank == 0 and not result["preempted"]:  # a preempted run has said so ("preempted: ...")
         out = cfg.run.out_dir
-        print(f"done: step {result['step']}, last loss {result.get('loss', float('nan')):.4f}\n"
+        what = f"last loss {result['loss']:.4f}" if "loss" in result else "nothing to do: run.steps already reached"
+        print(f"done: step {result['step']}, {what}\n"
               f"  checkpoints: {out}/checkpoints (latest {result['checkpoint']})\n"
               f"  logs:        {out}/logs/metrics.jsonl, TensorBoard: tensorboard --logdir {out}/logs/tensorboard\n"
               f"  config:      {out}/resolved_config.yaml\n"

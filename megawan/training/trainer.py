@@ -356,7 +356,8 @@ class Trainer:
                     log.log_rollouts(self.step, self.rollouts())
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.run.steps:
                     self.save()
-            path = self.save()
+            # a rerun of a finished run does nothing: its newest checkpoint stays the answer
+            path = self.save() if self.step > first_step or resumed is None else resumed
         finally:
             self.stop.restore()
             log.close()
