@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -47,7 +49,7 @@ def build_optimizer(ddp: DistributedDataParallel, optim, groups, total_steps: in
         adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
         clip_grad=optim.clip_grad, bf16=bf16, params_dtype=ddp.module.runtime.dtype,
         use_distributed_optimizer=True)
-    with cpu_compat.CudaAsCpu() if groups.device.type == "cpu" else _null():
+    with cpu_compat.CudaAsCpu() if groups.device.type == "cpu" else contextlib.nullcontext():
         optimizer = get_megatron_optimizer(config, [ddp], use_gloo_process_groups=False)
     optimizer = cpu_compat.on_cpu(optimizer, groups.device)
     decay_steps = max(1, total_steps)
@@ -57,14 +59,6 @@ def build_optimizer(ddp: DistributedDataParallel, optim, groups, total_steps: in
         start_wd=optim.weight_decay, end_wd=optim.weight_decay, wd_incr_steps=decay_steps,
         wd_incr_style="constant")
     return optimizer, scheduler
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def finish_grad_sync(ddp: DistributedDataParallel, groups) -> None:

@@ -113,7 +113,6 @@ class Trainer:
         self.groups = parallel_state.initialize(cfg.parallel.tp, cfg.parallel.cp, seed=cfg.run.seed)
         self.rank = dist.get_rank()
         check_memory(cfg, self.dit_config, world, self.groups.device)
-        self.is_logger = self.rank == 0
 
         dtype = getattr(torch, cfg.model.dtype)
         runtime = DiTRuntime(dtype=dtype, sequence_parallel=cfg.parallel.sequence_parallel,
@@ -324,7 +323,7 @@ class Trainer:
             (self.out_dir / "resolved_config.yaml").write_text(dump_config(cfg))
             checkpointing.remove_torn(self.ckpt_dir)
         dist.barrier()
-        log = MetricsLogger(self.out_dir / "logs", enabled=self.is_logger, total_steps=cfg.run.steps,
+        log = MetricsLogger(self.out_dir / "logs", enabled=self.rank == 0, total_steps=cfg.run.steps,
                             start_step=self.step, every=cfg.logging.every, tensorboard=cfg.logging.tensorboard,
                             progress_bar=cfg.logging.progress_bar)
         log.message(f"megawan train: tp={self.groups.tp} cp={self.groups.cp} dp={self.groups.dp} "
