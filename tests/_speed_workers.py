@@ -17,7 +17,8 @@ def _run(model, case, weight):
     return out.detach(), x.grad, {n: p.grad for n, p in model.named_parameters()}
 
 
-def compiled_vs_eager(tp: int, cp: int, recompute: str | None = None):
+def compiled_vs_eager(tp: int, cp: int, recompute: str | None = None, sequence_parallel: bool = True,
+                      fp8: str = "off"):
     """Same weights, eager and with compiled blocks: forward and every local grad; graph-break report."""
     import torch._dynamo
 
@@ -28,16 +29,23 @@ def compiled_vs_eager(tp: int, cp: int, recompute: str | None = None):
     for compiled in (False, True):
         torch.manual_seed(0)
         rt = DiTRuntime(linear_impl="local", compile_blocks=compiled, activation_checkpointing=recompute is not None,
-                        recompute_granularity=recompute or "full")
+                        recompute_granularity=recompute or "full", sequence_parallel=sequence_parallel, fp8=fp8)
         model = WanDiT(TINY, groups, rt).train()
         torch._dynamo.utils.counters.clear()
-        results[compiled] = _run(model, case, weight)
+        _run(model, case, weight)  # compiles (tracing calls the ops too); then the measured run
+        model.zero_grad(set_to_none=True)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            results[compiled] = _run(model, case, weight)
+        # attention-core kernel calls in forward + backward (recomputed ones included; not its backward)
+        attention_calls = sum(e.name.startswith("aten::_scaled_dot_product") and "backward" not in e.name
+                              for e in prof.events())
         breaks = {reason.split("\n")[0]: n for reason, n in torch._dynamo.utils.counters["graph_break"].items()}
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     (out_e, xg_e, g_e), (out_c, xg_c, g_c) = results[False], results[True]
     errs = {"out": rel_err(out_c, out_e), "x.grad": rel_err(xg_c, xg_e)}
     errs.update({n: rel_err(g_c[n], g) for n, g in g_e.items()})
-    return {"errs": errs, "graph_breaks": breaks, "unique_graphs": graphs, "rank": dist.get_rank()}
+    return {"errs": errs, "graph_breaks": breaks, "unique_graphs": graphs, "rank": dist.get_rank(),
+            "attention_calls": attention_calls}
 
 
 def recompute_vs_none(tp: int, cp: int, granularities):

@@ -3,7 +3,8 @@
 * every fused element-wise function equals its unfused reference, eager and compiled (CPU inductor),
   forward and backward;
 * the compiled block equals the eager block within fp32 rounding, forward and every gradient, at
-  TP1 and TP2 x CP2 (SP on), with and without recomputation; where the collectives sit in the graph;
+  TP1, TP2 x CP2 (SP on), TP2 (SP off) and CP2, with and without recomputation, as one graph with
+  no graph break (the collectives are traced);
 * each recomputation granularity gives the gradients of no recomputation, and keeps what it says
   (measured as the bytes the forward leaves allocated, with torch's profiler);
 * the attention kernel is an explicit, logged choice.
@@ -100,17 +101,23 @@ def test_compiled_blocks_equal_eager_single_process():
     assert result["graph_breaks"] == {}, result["graph_breaks"]
 
 
-@pytest.mark.parametrize("recompute", [None, "full"])
-def test_compiled_blocks_equal_eager_tp2_cp2(recompute):
-    """TP2 x CP2, SP on, padded tokens: every rank's output and local grads equal eager."""
-    results = run_distributed(workers.compiled_vs_eager, 4, 2, 2, recompute, timeout_s=1200)
+@pytest.mark.parametrize("tp, cp, sp, recompute, fp8", [
+    (2, 2, True, None, "off"), (2, 2, True, "selective", "off"), (2, 1, False, "full", "off"),
+    (1, 2, False, "ffn", "off"), (2, 2, True, "selective", "native-rowwise")])
+def test_compiled_blocks_equal_eager_in_parallel_layouts(tp, cp, sp, recompute, fp8):
+    """Every rank's output and local grads equal eager (27 tokens: padded), and the block is one graph
+    with no graph break: the TP linears' all-gathers / reduce-scatters / all-reduces, the Ulysses
+    all-to-alls and the recomputation are traced (megawan/layers/tp_gemm.py, docs/dit.md). FP8: the
+    same FP8 GEMMs on both sides (power-of-2 scales from exact amaxes), so the same bound holds."""
+    results = run_distributed(workers.compiled_vs_eager, tp * cp, tp, cp, recompute, sp, fp8, timeout_s=1200)
+    # Recomputation inside the compiled graph does what it says: "full" runs each attention core twice
+    # (forward, recompute), "selective" and "ffn" once (kept), as without recomputation.
+    calls = 2 * TINY.num_layers * (2 if recompute == "full" else 1)  # self- and cross-attention
     for result in results:
         _check_compiled(result)
-        assert result["unique_graphs"] > 0, "nothing was compiled: the blocks ran eagerly"
-    # Where the collectives sit: megatron-core's linears (async collectives in their backward) and
-    # all-to-all are graph breaks, so the element-wise work between them is compiled and they run
-    # eagerly. The reasons are printed (pytest -s) and listed in docs/dit.md.
-    print("TP2xCP2 graph breaks:", results[0]["graph_breaks"], "graphs:", results[0]["unique_graphs"])
+        assert result["graph_breaks"] == {}, (result["rank"], result["graph_breaks"])
+        assert result["unique_graphs"] == 1, result["unique_graphs"]
+        assert result["attention_calls"] == calls, (result["rank"], result["attention_calls"], calls)
 
 
 def test_compile_default_is_on_only_with_cuda():

@@ -92,20 +92,34 @@ class DiTBackend:
     def column_parallel(self, in_features: int, out_features: int, stride: int = 1):
         """Input = the residual stream; see ``linear.column_parallel``."""
         return linear.column_parallel(in_features, out_features, self.mp_config, self.tp_group,
-                                      self.linear_impl, stride=stride, fp8=self._native_fp8)
+                                      self.linear_impl, stride=stride, fp8=self._native_fp8,
+                                      traceable=self._traceable_linears)
 
     def column_parallel_on_replicated(self, in_features: int, out_features: int):
         """Input already replicated in the TP region: no communication."""
         return linear.column_parallel_on_replicated(in_features, out_features, self.mp_config, self.tp_group,
-                                                    self.linear_impl, fp8=self._native_fp8)
+                                                    self.linear_impl, fp8=self._native_fp8,
+                                                    traceable=self._traceable_linears)
 
     def row_parallel(self, in_features: int, out_features: int):
         return linear.row_parallel(in_features, out_features, self.mp_config, self.tp_group, self.linear_impl,
-                                   fp8=self._native_fp8)
+                                   fp8=self._native_fp8, traceable=self._traceable_linears)
 
     def attention_kernel(self, num_heads: int, head_dim: int) -> AttentionKernel:
         """A kernel module for ``num_heads`` heads per call (a submodule of the layer that uses it)."""
         return AttentionKernel(self.attention_backend, num_heads, head_dim)
+
+    @property
+    def traceable_blocks(self) -> bool:
+        """Whether ``torch.compile`` can trace a whole block, collectives and checkpoint included:
+        megatron-core's local linears (run through ``tp_gemm`` when compiled at TP > 1) and SDPA or
+        flash-attn kernels. Transformer Engine's modules are graph breaks."""
+        return self.linear_impl == "local" and self.attention_backend != "te"
+
+    @property
+    def _traceable_linears(self) -> bool:
+        # megatron-core's own linear function is a graph break at TP > 1 (async collectives in backward)
+        return self.compile_blocks and self.tp > 1
 
     @property
     def _native_fp8(self):

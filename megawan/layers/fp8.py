@@ -20,10 +20,10 @@ only inside the GEMMs, so an FP8 run's checkpoint is a bf16 run's checkpoint and
 
 From torchao (``torchao.float8``): the scale computation (``tensor_to_scale``), the saturated cast
 (``to_fp8_saturated``) and the scaled GEMM wrapper (``addmm_float8_unwrapped``). Written here: the
-autograd function, because torchao's ``Float8Linear`` is an ``nn.Linear`` and knows nothing of
-Megatron's sequence-parallel all-gather (and re-gather in backward), the reduce-scatter / all-reduce
-of the input gradient, or megatron's linear signature; it mirrors megatron's
-``LinearWithGradAccumulationAndAsyncCommunication`` with FP8 GEMMs.
+three GEMMs of a linear in FP8 (``Fp8Gemm``), run by megawan's tensor-parallel linear function
+(``megawan.layers.tp_gemm``), because torchao's ``Float8Linear`` is an ``nn.Linear`` and knows nothing
+of Megatron's sequence-parallel all-gather (and re-gather in backward), the reduce-scatter /
+all-reduce of the input gradient, or megatron's linear signature.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from megawan.layers import tp_gemm
 
 FP8_MODES = ("off", "native-tensorwise", "native-rowwise", "te-delayed", "te-current")
 
@@ -147,69 +149,30 @@ def fp8_mm(a: torch.Tensor, b: torch.Tensor, a_dtype: torch.dtype, b_dtype: torc
                                   use_fast_accum=fast_accum)
 
 
-def _gather(x, group):
-    from megatron.core.tensor_parallel.mappings import _gather_along_first_dim
+class Fp8Gemm:
+    """The GEMMs of ``megawan.layers.tp_gemm.TPLinearFunction`` in FP8: forward e4m3 x e4m3 (fast
+    accumulation, as torchao's forward), input and weight gradients with the gradient in the recipe's
+    format. Both operands are re-cast in backward: rowwise scales of the weight-gradient GEMM run along
+    the other axis, and only the high-precision weight and input shard are kept for backward."""
 
-    return _gather_along_first_dim(x, group)
+    def __init__(self, recipe: NativeFp8):
+        self.recipe = recipe
 
+    def forward(self, x2, weight):
+        return fp8_mm(x2, weight.t(), E4M3, E4M3, self.recipe.rowwise, x2.dtype, fast_accum=True)
 
-class _Fp8Linear(torch.autograd.Function):
-    """megatron's linear (SP gather, dgrad all-reduce / reduce-scatter) with FP8 GEMMs.
+    def dgrad(self, g2, weight):
+        return fp8_mm(g2, weight, self.recipe.grad_dtype, E4M3, self.recipe.rowwise, g2.dtype)
 
-    Saves the local input shard and the high-precision weight (as megatron does: under SP the
-    gathered input is re-gathered in backward, never held); both are re-cast in backward, because
-    rowwise scales of the weight-gradient GEMM run along the other axis.
-    """
+    def wgrad(self, g2, x2, weight):
+        return fp8_mm(g2.t(), x2, self.recipe.grad_dtype, E4M3, self.recipe.rowwise, weight.dtype)
 
-    @staticmethod
-    def forward(ctx, input, weight, bias, recipe: NativeFp8, allreduce_dgrad: bool, sequence_parallel: bool,
-                tp_group):
-        ctx.save_for_backward(input, weight)
-        ctx.recipe, ctx.allreduce_dgrad, ctx.sequence_parallel, ctx.tp_group = (
-            recipe, allreduce_dgrad, sequence_parallel, tp_group)
-        ctx.use_bias = bias is not None
-        total = _gather(input, tp_group) if sequence_parallel else input
-        x2 = total.reshape(-1, total.shape[-1])
-        out = fp8_mm(x2, weight.t(), E4M3, E4M3, recipe.rowwise, input.dtype, fast_accum=True)
-        out = out.view(*total.shape[:-1], weight.shape[0])
-        return out + bias if bias is not None else out
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        from megatron.core.tensor_parallel.mappings import _reduce_scatter_along_first_dim
-
-        input, weight = ctx.saved_tensors
-        r = ctx.recipe
-        total = _gather(input, ctx.tp_group) if ctx.sequence_parallel else input
-        g2 = grad_output.reshape(-1, grad_output.shape[-1])
-        grad_input = fp8_mm(g2, weight, r.grad_dtype, E4M3, r.rowwise, input.dtype)
-        grad_input = grad_input.view(*total.shape[:-1], weight.shape[1])
-        if ctx.sequence_parallel:
-            grad_input = _reduce_scatter_along_first_dim(grad_input, ctx.tp_group)
-        elif ctx.allreduce_dgrad:
-            torch.distributed.all_reduce(grad_input, group=ctx.tp_group)
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            x2 = total.reshape(-1, total.shape[-1])
-            grad_weight = fp8_mm(g2.t(), x2, r.grad_dtype, E4M3, r.rowwise, weight.dtype)
-        grad_bias = g2.sum(0) if ctx.use_bias and ctx.needs_input_grad[2] else None
-        return grad_input, grad_weight, grad_bias, None, None, None, None
-
-
-def native_forward_impl(recipe: NativeFp8):
-    """A drop-in for megatron's ``_forward_impl`` (same keyword arguments) with FP8 GEMMs."""
-
-    def impl(input, weight, bias, gradient_accumulation_fusion=False, allreduce_dgrad=False,
-             sequence_parallel=False, grad_output_buffer=None, wgrad_deferral_limit=None, tp_group=None):
-        if gradient_accumulation_fusion or grad_output_buffer is not None:
-            raise NotImplementedError("native FP8 linears do not fuse gradient accumulation or defer wgrad")
-        return _Fp8Linear.apply(input, weight, bias, recipe, allreduce_dgrad, sequence_parallel, tp_group)
-
-    return impl
+    def __repr__(self) -> str:
+        return f"Fp8Gemm({self.recipe})"
 
 
 def use_native_fp8(layer, recipe: NativeFp8):
     """Route a megatron local linear's GEMMs through FP8 (parameters and state dict unchanged)."""
-    layer._forward_impl = native_forward_impl(recipe)
+    tp_gemm.use_gemm(layer, Fp8Gemm(recipe))
     layer.fp8 = recipe
     return layer

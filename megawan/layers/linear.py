@@ -16,6 +16,9 @@ Row-parallel layers exit the TP region: reduce-scatter (SP) or all-reduce.
 
 ``fp8`` (a ``megawan.layers.fp8.NativeFp8`` or None) routes a local layer's GEMMs through FP8
 (``torch._scaled_mm``); TE's layers take FP8 from ``te.fp8_autocast`` instead (see fp8.py).
+``traceable`` runs a local layer through megawan's synchronous-collective linear function
+(``megawan.layers.tp_gemm``), which ``torch.compile`` traces whole (megatron-core's does not: its
+backward uses async collectives); FP8 layers always run through it.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from megatron.core import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
+from megawan.layers import tp_gemm
 from megawan.layers.fp8 import use_native_fp8
 
 LINEAR_IMPLS = ("auto", "local", "te")
@@ -54,9 +58,11 @@ def _xavier(w: torch.Tensor) -> torch.Tensor:
     return torch.nn.init.xavier_uniform_(w)
 
 
-def _finish(layer, weight_dim: int, fp8, stride: int = 1):
+def _finish(layer, weight_dim: int, fp8, traceable: bool, stride: int = 1):
     if fp8 is not None:
         use_native_fp8(layer, fp8)
+    elif traceable and hasattr(layer, "_forward_impl"):  # megatron-core's local layers (not TE's)
+        tp_gemm.use_gemm(layer, tp_gemm.HIGH_PRECISION)
     return _with_tp_identity(layer, weight_dim, stride)
 
 
@@ -75,7 +81,7 @@ def _with_tp_identity(layer, weight_dim: int, stride: int = 1):
 
 
 def column_parallel(in_features: int, out_features: int, config: ModelParallelConfig, tp_group, impl: str,
-                    stride: int = 1, fp8=None):
+                    stride: int = 1, fp8=None, traceable: bool = False):
     """Weight split on dim 0; input = the residual stream (token shards under SP, else replicated).
 
     ``stride`` fuses that many equal outputs: rank r holds rows [r-th slice of each], in order.
@@ -89,11 +95,11 @@ def column_parallel(in_features: int, out_features: int, config: ModelParallelCo
     else:
         layer = ColumnParallelLinear(in_features, out_features, config=config, init_method=_xavier, bias=True,
                                      gather_output=False, stride=stride, tp_group=tp_group)
-    return _finish(layer, 0, fp8, stride=stride)
+    return _finish(layer, 0, fp8, traceable, stride=stride)
 
 
 def column_parallel_on_replicated(in_features: int, out_features: int, config: ModelParallelConfig, tp_group,
-                                  impl: str, fp8=None):
+                                  impl: str, fp8=None, traceable: bool = False):
     """Weight split on dim 0; input already replicated in the TP region: no communication."""
     no_sp = dataclasses.replace(config, sequence_parallel=False)
     if impl == "te":
@@ -108,11 +114,11 @@ def column_parallel_on_replicated(in_features: int, out_features: int, config: M
     else:
         layer = ColumnParallelLinear(in_features, out_features, config=no_sp, init_method=_xavier, bias=True,
                                      gather_output=False, disable_grad_reduce=True, tp_group=tp_group)
-    return _finish(layer, 0, fp8)
+    return _finish(layer, 0, fp8, traceable)
 
 
 def row_parallel(in_features: int, out_features: int, config: ModelParallelConfig, tp_group, impl: str,
-                 fp8=None):
+                 fp8=None, traceable: bool = False):
     """Weight split on dim 1 (input features); output reduce-scattered (SP) or all-reduced."""
     if impl == "te":
         from megatron.core.extensions.transformer_engine import TERowParallelLinear
@@ -123,4 +129,4 @@ def row_parallel(in_features: int, out_features: int, config: ModelParallelConfi
     else:
         layer = RowParallelLinear(in_features, out_features, config=config, init_method=_xavier, bias=True,
                                   input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
-    return _finish(layer, 1, fp8)
+    return _finish(layer, 1, fp8, traceable)

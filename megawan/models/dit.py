@@ -20,7 +20,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from megawan import parallel_state
 from megawan.checkpoint.dit_io import load_dit_weights, save_dit_weights
-from megawan.layers import fused
+from megawan.layers import compile_compat, fused
 from megawan.layers.attention import CrossAttention, FeedForward, SelfAttention
 from megawan.layers.backend import DiTBackend
 from megawan.layers.embeddings import PatchEmbedding, StateEmbedding, WanHead, timestep_sinusoid
@@ -94,53 +94,32 @@ class WanBlock(nn.Module):
         return fused.maybe_compiled(fused.gated_residual, x)(x, self.ffn(h), gate)
 
 
-def compile_blocks(blocks, collectives_inside: bool = False) -> None:
+def compile_blocks(blocks, traceable: bool = True) -> None:
     """Regional compilation: ``torch.compile`` each block in place. The blocks share one code object
     and their parameters are graph inputs, so the first block's graph serves all of them.
 
-    Without collectives in the block (TP = CP = 1) the whole ``forward`` is compiled, recomputation
-    included: dynamo traces the checkpoint and the partitioner applies the "selective" policy. With
-    TP or CP > 1 (``collectives_inside``), megatron-core's linears (async collectives in their
-    backward) and all-to-all are graph breaks; dynamo cannot trace a checkpoint region that holds a
-    graph break (it would run the whole region eagerly), so there the checkpoint stays eager around
-    the compiled ``_forward`` / ``_ffn``. The "selective" policy then sees no attention op (it is
-    inside a compiled graph) and recomputes the whole block, like "full": warned at build time.
+    ``traceable`` (megatron-core's local linears, SDPA / flash-attn kernels: ``DiTBackend.
+    traceable_blocks``): the whole ``forward`` is one graph in every TP / SP / CP layout, collectives
+    and recomputation included. The linears run megawan's synchronous-collective function at TP > 1
+    (megawan/layers/tp_gemm.py), the Ulysses all-to-alls and the q/k-norm all-reduce are megatron's /
+    megawan's autograd functions over plain collectives, which dynamo turns into functional
+    collectives; dynamo traces the checkpoint and the partitioner applies the "selective" policy.
+    Not traceable (Transformer Engine modules, graph breaks) with TP or CP > 1: dynamo cannot trace a
+    checkpoint region that holds a graph break (it would run the whole region eagerly), so there the
+    checkpoint stays eager around the compiled ``_forward`` / ``_ffn``, and "selective" recomputes the
+    attention too (it runs inside a compiled graph the policy cannot see), like "full": warned here.
     """
-    _quiet_megatron_tp_group_default()
+    compile_compat.install()
     for block in blocks:
-        if collectives_inside and block.recompute is not None:
+        if not traceable and block.recompute is not None:
             if block.recompute == "selective":
-                warnings.warn("compiled blocks at TP or CP > 1: 'selective' recomputation recomputes the "
-                              "attention too (as 'full'); use 'ffn', or compile_blocks=False", stacklevel=3)
+                warnings.warn("compiled blocks with Transformer Engine modules at TP or CP > 1: 'selective' "
+                              "recomputation recomputes the attention too (as 'full'); use 'ffn', or "
+                              "compile_blocks=False", stacklevel=3)
             block._forward = torch.compile(block._forward)
             block._ffn = torch.compile(block._ffn)
         else:
             block.compile()
-
-
-def _quiet_megatron_tp_group_default() -> None:
-    """megatron-core's RowParallelLinear passes ``tp_group=None`` to its GEMM function, whose
-    ``get_tensor_model_parallel_group_if_none`` then warns on rank 0 at every call: a graph break per
-    row-parallel layer in a compiled block. This stand-in returns the same default group silently
-    (the GEMM does not use it there: the row layer does its own reduction)."""
-    from megatron.core import parallel_state as mps
-    from megatron.core.tensor_parallel import layers as mlayers
-
-    original = mlayers.get_tensor_model_parallel_group_if_none
-    if getattr(original, "_megawan_quiet", False):
-        return
-
-    def group_if_none(tp_group, is_expert=False, check_initialized=True):
-        if not torch.distributed.is_initialized():
-            return None
-        if tp_group is not None or not mps.is_initialized():
-            return tp_group
-        if is_expert:
-            return mps.get_expert_tensor_parallel_group(check_initialized=check_initialized)
-        return mps.get_tensor_model_parallel_group(check_initialized=check_initialized)
-
-    group_if_none._megawan_quiet = True
-    mlayers.get_tensor_model_parallel_group_if_none = group_if_none
 
 
 class WanDiT(nn.Module):
@@ -179,7 +158,7 @@ class WanDiT(nn.Module):
         self._tag_replicated_params()
         self.to(groups.device)
         if self.backend.compile_blocks:
-            compile_blocks(self.blocks, collectives_inside=groups.tp * groups.cp > 1)
+            compile_blocks(self.blocks, traceable=self.backend.traceable_blocks or groups.tp * groups.cp == 1)
 
     def _tag_replicated_params(self) -> None:
         """Mark replicated params whose grads are partial sums over this rank's sequence shard.

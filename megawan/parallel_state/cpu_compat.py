@@ -3,7 +3,8 @@
 megatron-core assumes a GPU in three places that megawan reaches:
 
 * ``torch.cuda.current_device()`` -- the sequence-parallel all-gather / reduce-scatter and the
-  global memory buffer allocate their outputs there;
+  global memory buffer allocate their outputs there (the stand-in is a constant to torch.compile, as
+  the real one is);
 * the CUDA RNG tracker (``model_parallel_cuda_manual_seed`` / ``get_cuda_rng_tracker().fork()``);
 * ``torch.cuda.current_stream()`` / ``synchronize()`` -- megatron's DDP orders gradient reductions on
   streams; dist_checkpointing synchronises before writing;
@@ -87,12 +88,30 @@ class CpuRNGStatesTracker:
             torch.set_rng_state(saved)
 
 
+def _cpu_current_device() -> torch.device:
+    return torch.device("cpu")
+
+
+def _fold_in_compiled_code(fn) -> None:
+    """Let torch.compile fold ``fn()`` to a constant, as it folds the real ``torch.cuda.current_device``:
+    dynamo looks the stand-in up as ``torch.cuda.current_device`` and would otherwise break the graph at
+    each of megatron's gathers inside a compiled block (a call returning a non-tensor). Private dynamo
+    table; where it is missing only the CPU graph has those breaks (results are unchanged)."""
+    try:
+        from torch._dynamo.variables import torch as dynamo_torch
+
+        dynamo_torch.constant_fold_functions[fn] = None
+    except (ImportError, AttributeError, TypeError):
+        pass
+
+
 def apply() -> None:
     """Install the CPU stand-ins; call only in a process whose ranks compute on CPU."""
     global _APPLIED
     if _APPLIED:
         return
-    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.current_device = _cpu_current_device
+    _fold_in_compiled_code(_cpu_current_device)
     stream = _CpuStream()
     torch.cuda.current_stream = lambda device=None: stream
     torch.cuda.default_stream = lambda device=None: stream
