@@ -41,6 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megawan import parallel_state  # noqa: E402
+from megawan.vae import conv as vae_conv  # noqa: E402
 from megawan.vae.partition import CommStats  # noqa: E402
 from megawan.vae.model import WanVAE38, WanVAE38Config  # noqa: E402
 from megawan.testing import run_distributed  # noqa: E402
@@ -94,7 +95,9 @@ def _live_peak_bytes(run) -> tuple[int, int]:
 
 
 def _rank_main(config: WanVAE38Config, latent_shape: tuple, frames_per_step: int,
-               live_bytes: bool = False) -> dict:
+               live_bytes: bool = False, weight_group_bytes: int | None = None) -> dict:
+    if weight_group_bytes is not None:  # this rank's copy of the module: the grouping of large conv weights
+        vae_conv.WEIGHT_GROUP_BYTES = weight_group_bytes
     world = int(os.environ["WORLD_SIZE"])
     groups = parallel_state.initialize(1, 1, vae_shards=world, num_heads=None)
     device = groups.device
@@ -122,7 +125,8 @@ def _rank_main(config: WanVAE38Config, latent_shape: tuple, frames_per_step: int
     seconds = time.perf_counter() - start
     result = {"rank": int(os.environ["RANK"]), "peak_above_base": peak - base, "base": base, "seconds": seconds,
               "halo_bytes": stats.halo_bytes, "gather_bytes": stats.gather_bytes,
-              "frames": video.shape[2], "tile": tuple(video.shape[3:])}
+              "frames": video.shape[2], "tile": tuple(video.shape[3:]),
+              "weight_group_bytes": vae_conv.WEIGHT_GROUP_BYTES}
     if live_bytes and not cuda:  # on a GPU, max_memory_allocated above is already a live-tensor figure
         del video
         gc.collect()
@@ -180,6 +184,10 @@ def main() -> None:
     parser.add_argument("--malloc-arena-max", type=int, help="set MALLOC_ARENA_MAX for the ranks (glibc)")
     parser.add_argument("--malloc-trim-threshold", type=int,
                         help="set MALLOC_TRIM_THRESHOLD_ (bytes) for the ranks (glibc)")
+    parser.add_argument("--weight-group-bytes", type=int,
+                        help="set megawan.vae.conv.WEIGHT_GROUP_BYTES in the ranks (default: the module's 8 MiB); "
+                             "a value above the largest weight, e.g. 1099511627776, switches the output-channel "
+                             "grouping off (the 'before' of docs/benchmarks.md)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     # spawned ranks inherit the environment; glibc reads these when the rank process starts
@@ -193,7 +201,7 @@ def main() -> None:
     results = {}
     for n in args.shards:
         per_rank = run_distributed(_rank_main, n, config, latent_shape, args.frames_per_step, args.live_bytes,
-                                   timeout_s=3600)
+                                   args.weight_group_bytes, timeout_s=3600)
         halo_analytic, gather_analytic = analytic_comm_bytes(config, latent_shape, n)
         results[n] = {"ranks": per_rank, "halo_analytic_interior": halo_analytic,
                       "gather_analytic": gather_analytic}
@@ -202,7 +210,8 @@ def main() -> None:
     mib = 2 ** 20
     base = max(r["peak_above_base"] for r in results[args.shards[0]]["ranks"])
     print(f"\nVAE38 decode {args.frames} x {args.height} x {args.width}, latent {latent_shape}, "
-          f"{'tiny' if args.tiny else 'full'} widths, frames_per_step={args.frames_per_step}")
+          f"{'tiny' if args.tiny else 'full'} widths, frames_per_step={args.frames_per_step}, "
+          f"WEIGHT_GROUP_BYTES={results[args.shards[0]]['ranks'][0]['weight_group_bytes']} (as the ranks ran it)")
     print("| N | tile (px) | peak above baseline, max rank (MiB) | vs N=1 | halo sent/frame by rank 1 "
           "(measured / analytic, MiB) | K/V gathered/frame (measured / analytic, MiB) | wall s |")
     print("|---|---|---|---|---|---|---|")

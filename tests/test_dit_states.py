@@ -81,16 +81,20 @@ def test_tp2_cp2_with_states_matches_single_process(tmp_path):
     case = make_case(3, 6, 6, True)  # 27 tokens: padded at TP2 x CP2
     s = _states(case)
     weight = torch.randn(case[0].shape, generator=torch.Generator().manual_seed(5))
-    out, x_grad, grads = run_distributed(workers.backward_layouts, 4, tmp_path / "wm", case, weight,
-                                         [(2, 2, True, False)], s)[0][(2, 2, True, False)]
+    per_rank = run_distributed(workers.backward_layouts, 4, tmp_path / "wm", case, weight, [(2, 2, True, False)], s)
     single = WanDiT.from_pretrained(tmp_path / "wm", runtime=RT)
     x = case[0].clone().requires_grad_(True)
     ref = single(x, case[1], case[2], states=s)
     (ref * weight).sum().backward()
-    assert rel_err(out, ref.detach()) <= 1e-5
-    assert rel_err(x_grad, x.grad) <= 1e-5
-    for name in ("state_embedding.linear_1.weight", "state_embedding.linear_2.weight"):
-        assert rel_err(grads[name], dict(single.named_parameters())[name].grad) <= 1e-5, name
+    one_grads = {n: p.grad for n, p in single.named_parameters()}
+    assert {"state_embedding.linear_1.weight", "state_embedding.linear_2.weight"} <= set(one_grads)
+    for rank, results in enumerate(per_rank):  # every rank holds the whole output and every whole gradient
+        out, x_grad, grads = results[(2, 2, True, False)]
+        assert rel_err(out, ref.detach()) <= 1e-5, rank
+        assert rel_err(x_grad, x.grad) <= 1e-5, rank
+        assert set(grads) == set(one_grads), rank
+        for name, g in grads.items():
+            assert rel_err(g, one_grads[name]) <= 1e-5, (rank, name, rel_err(g, one_grads[name]))
 
 
 def test_bad_states_are_refused(released):

@@ -88,84 +88,93 @@ def test_sharded_equals_unsharded(sharded_run, case):
         assert rel_err(got["decode"], vid_want) <= TOL, (rank, rel_err(got["decode"], vid_want))
         for phase in ("encode", "decode"):
             assert got[f"{phase}_stats"].halo_bytes > 0 and got[f"{phase}_stats"].gather_bytes > 0, (rank, phase)
-        if 1 in case["grid"]:  # row or column bands: every rank's bytes equal the analytic figures
-            halo, gather = _analytic_encode_bytes(case, rank, VIDEOS_SHAPE[case["video"]])
-            assert got["encode_stats"].halo_bytes == halo, (rank, got["encode_stats"].halo_bytes, halo)
-            assert got["encode_stats"].gather_bytes == gather, (rank, got["encode_stats"].gather_bytes, gather)
-            halo, gather = _analytic_decode_bytes(case, rank, reference[case["video"]][0].shape)
-            assert got["decode_stats"].halo_bytes == halo, (rank, got["decode_stats"].halo_bytes, halo)
-            assert got["decode_stats"].gather_bytes == gather, (rank, got["decode_stats"].gather_bytes, gather)
+        # every rank's bytes equal the analytic figures (row bands, column bands and the 2-D grid)
+        halo, gather = _analytic_encode_bytes(case, rank, VIDEOS_SHAPE[case["video"]])
+        assert got["encode_stats"].halo_bytes == halo, (rank, got["encode_stats"].halo_bytes, halo)
+        assert got["encode_stats"].gather_bytes == gather, (rank, got["encode_stats"].gather_bytes, gather)
+        halo, gather = _analytic_decode_bytes(case, rank, reference[case["video"]][0].shape)
+        assert got["decode_stats"].halo_bytes == halo, (rank, got["decode_stats"].halo_bytes, halo)
+        assert got["decode_stats"].gather_bytes == gather, (rank, got["decode_stats"].gather_bytes, gather)
         print(f"{case['name']} rank {rank}: encode rel err {rel_err(got['encode'], lat_want):.2e}, "
               f"decode rel err {rel_err(got['decode'], vid_want):.2e}")
 
 
-def _band(case, rank, h_lat, w_lat):
-    """Band geometry of a 1-D split (row or column bands), in latent units: (ranks, my index, latent extent
-    along the cut, tallest band across it, whether the band has a neighbour before / after, column bands)."""
-    n = len(case["ranks"])
-    i = case["ranks"].index(rank)
-    rows = case["grid"][1] == 1
-    bounds = case["row_bounds"] if rows else case["col_bounds"]
-    longest = max(b1 - b0 for b0, b1 in zip(bounds, bounds[1:]))
-    return n, (w_lat if rows else h_lat), longest, i > 0, i < n - 1, not rows
+def _tile(case, rank):
+    """This rank's tile of the grid, in latent units: (ranks, tile rows, tile columns, neighbours above,
+    below, left, right (0 or 1 each), rows and columns of the largest tile)."""
+    n, (gr, gc) = len(case["ranks"]), case["grid"]
+    i, j = divmod(case["ranks"].index(rank), gc)
+    rb, cb = case["row_bounds"], case["col_bounds"]
+    heights = [b1 - b0 for b0, b1 in zip(rb, rb[1:])]
+    widths = [b1 - b0 for b0, b1 in zip(cb, cb[1:])]
+    return (n, heights[i], widths[j], int(i > 0), int(i < gr - 1), int(j > 0), int(j < gc - 1),
+            max(heights), max(widths))
+
+
+def _halo(b, channels, frames, rows, cols, top, bottom, left, right):
+    """Bytes one 3x3x3 conv sends: 1 row of ``cols`` (per frame, plus 2 causal frames) to each neighbour
+    above / below, then 1 column of the row-extended tile (``rows`` + 2: halo or zero rows) to each
+    neighbour left / right."""
+    return b * channels * (frames + 2) * ((top + bottom) * cols + (left + right) * (rows + 2)) * 4
 
 
 def _analytic_encode_bytes(case, rank, video_shape) -> tuple[int, int]:
-    """Halo bytes this rank sends and bytes it receives through gathers in a 1-D band encode, from the
+    """Halo bytes this rank sends and bytes it receives through gathers in a sharded encode, from the
     architecture (not the code path).
 
-    Chunks: frame 0 alone, then 4 frames. Every 3x3x3 conv exchanges 1 row (column bands: column) of its
-    input with each neighbour, the chunk plus 2 causal frames (zeros or cache); a spatial downsample pads
-    bottom/right only, so a band sends 1 row to the band before it and none after; the 3-D downsamples halve
-    the frames of chunks after the first (4 -> 2 -> 1). The mid attention receives K and V (2 x channels) of
-    every other band, padded to the largest, per frame; gather_output adds the latent bands, padded alike.
-    Halos go rows first, then columns over the row-extended tile (which carries a 2-D grid's corners): in
-    column bands each exchanged column is therefore longer by the zero rows padded above and below it.
+    Chunks: frame 0 alone, then 4 frames. Every 3x3x3 conv exchanges 1 row of its input with each
+    neighbour above and below, the chunk plus 2 causal frames (zeros or cache), then 1 column with each
+    neighbour left and right over the row-extended tile (which carries a 2-D grid's corners, and the zero
+    rows padded at the frame's edge: each column is 2 rows longer than the tile). A spatial downsample pads
+    bottom/right only, so a tile sends 1 row to the tile above it (1 column, over the tile plus its one
+    bottom row, to the tile left of it) and none the other way; the 3-D downsamples halve the frames of
+    chunks after the first (4 -> 2 -> 1). The mid attention receives K and V (2 x channels) of every other
+    tile, padded to the largest, per frame; gather_output adds the latent tiles, padded alike.
     """
     cfg = WanVAE38Config.tiny()
-    b, _, t, h, w = video_shape
-    n, along, longest, before, after, cols = _band(case, rank, h // 16, w // 16)
+    b, _, t, _, _ = video_shape
+    n, tile_h, tile_w, top, bottom, left, right, max_h, max_w = _tile(case, rank)
     dims = [cfg.base_dim * m for m in (1, *cfg.dim_mult)]
     t_lat = (t - 1) // 4 + 1
     halo = 0
     for chunk in [1] + [4] * (t_lat - 1):
-        frames, length = chunk, along * 8  # 8 patchified rows per latent row
+        frames, rows, cols = chunk, tile_h * 8, tile_w * 8  # 8 patchified rows / columns per latent one
 
         def conv3(channels):
-            return (before + after) * b * channels * (frames + 2) * (length + 2 * cols) * 4
+            return _halo(b, channels, frames, rows, cols, top, bottom, left, right)
 
         halo += conv3(cfg.image_channels * 4)  # conv_in
         for s in range(len(cfg.dim_mult)):
             halo += conv3(dims[s]) + (2 * cfg.num_res_blocks - 1) * conv3(dims[s + 1])  # resnets
             if s != len(cfg.dim_mult) - 1:
-                halo += before * b * dims[s + 1] * frames * (length + cols) * 4  # downsample: one-sided
-                length //= 2
+                halo += b * dims[s + 1] * frames * (top * cols + left * (rows + 1)) * 4  # downsample: one-sided
+                rows, cols = rows // 2, cols // 2
                 if cfg.temporal_downsample[s] and chunk > 1:
                     frames //= 2
         halo += 4 * conv3(dims[-1]) + conv3(dims[-1])  # mid: 2 resnets x 2 convs; conv_out
-    gather = t_lat * b * (n - 1) * longest * along * 2 * dims[-1] * 4
+    gather = t_lat * b * (n - 1) * max_h * max_w * 2 * dims[-1] * 4
     if case["gather_output"]:
-        gather += b * cfg.z_dim * t_lat * longest * along * (n - 1) * 4
+        gather += b * cfg.z_dim * t_lat * max_h * max_w * (n - 1) * 4
     return halo, gather
 
 
 def _analytic_decode_bytes(case, rank, latent_shape) -> tuple[int, int]:
-    """The same for a 1-D band decode: steps of frame 0 alone, then ``frames_per_step`` latent frames, each
+    """The same for a sharded decode: steps of frame 0 alone, then ``frames_per_step`` latent frames, each
     conv exchanging the step's frames plus 2 causal ones; a spatial upsample exchanges 1 low-resolution row
-    with each neighbour after the 3-D upsamples doubled the frames of every step but the first."""
+    (column) with each neighbour after the 3-D upsamples doubled the frames of every step but the first."""
     cfg = WanVAE38Config.tiny()
-    b, z, t_lat, h, w = latent_shape
-    n, along, longest, before, after, cols = _band(case, rank, h, w)
+    b, z, t_lat, _, _ = latent_shape
+    n, tile_h, tile_w, top, bottom, left, right, max_h, max_w = _tile(case, rank)
     dims = [cfg.decoder_base_dim * m for m in (cfg.dim_mult[-1], *cfg.dim_mult[::-1])]
     temporal = (*cfg.temporal_downsample[::-1], False)
     fps = case.get("frames_per_step", 1)
     steps = [1] + [min(fps, t_lat - 1 - k) for k in range(0, t_lat - 1, fps)]
     halo = 0
     for k, step in enumerate(steps):
-        frames, length = step, along
+        frames, rows, cols = step, tile_h, tile_w
 
         def conv3(channels):
-            return (before + after) * b * channels * (frames + 2) * (length + 2 * cols) * 4
+            return _halo(b, channels, frames, rows, cols, top, bottom, left, right)
 
         halo += conv3(z) + 4 * conv3(dims[0])  # conv_in; mid: 2 resnets x 2 convs
         for s in range(len(cfg.dim_mult)):
@@ -173,12 +182,13 @@ def _analytic_decode_bytes(case, rank, latent_shape) -> tuple[int, int]:
             if s != len(cfg.dim_mult) - 1:
                 if temporal[s] and k > 0:
                     frames *= 2
-                halo += (before + after) * b * dims[s + 1] * frames * (length + 2 * cols) * 4  # upsample, low res
-                length *= 2
+                # upsample, at low resolution: 1 row each way, then 1 column of the row-extended tile
+                halo += b * dims[s + 1] * frames * ((top + bottom) * cols + (left + right) * (rows + 2)) * 4
+                rows, cols = rows * 2, cols * 2
         halo += conv3(dims[-1])  # conv_out
-    gather = t_lat * b * (n - 1) * longest * along * 2 * dims[0] * 4
+    gather = t_lat * b * (n - 1) * max_h * max_w * 2 * dims[0] * 4
     if case["gather_output"]:
-        gather += b * 3 * (4 * (t_lat - 1) + 1) * longest * along * 256 * (n - 1) * 4
+        gather += b * 3 * (4 * (t_lat - 1) + 1) * max_h * max_w * 256 * (n - 1) * 4
     return halo, gather
 
 
