@@ -3,7 +3,8 @@
 The block is ``WanDiT(...).blocks[0]`` (TP = CP = 1) with the release's widths (dim 3072, 24 heads of
 128, ffn 14336, 512 text tokens), bf16 GEMM weights, fp32 residual stream / modulation / norms, random
 weights. Inputs as inside the model: x [L, 1, 3072] fp32, per-token e0 [L, 1, 6, 3072] fp32, text
-context [512, 1, 3072] bf16, all requiring grad, RoPE tables for a (frames, rows, cols) grid.
+context [512, 1, 3072] bf16, all requiring grad, RoPE tables for a (frames, rows, cols) grid. Mode
+``compiled-bf16-stream`` feeds x in bf16 (``DiTRuntime.residual_dtype``, the lower-precision option).
 
 FLOPs per block forward (batch 1, L video tokens, Lt = 512 text tokens, D = 3072, F = 14336), counting
 2*M*N*K per GEMM and nothing for element-wise work (norms, RoPE, modulation, softmax, GELU):
@@ -46,6 +47,9 @@ from megawan.layers.linear import resolve_linear_impl  # noqa: E402
 from megawan.layers.rope import rope_tables  # noqa: E402
 from megawan.models.dit import DiTRuntime, WanDiT, WanDiTConfig, compile_blocks  # noqa: E402
 
+# mode -> (compiled, residual stream dtype)
+MODES = {"eager": (False, torch.float32), "compiled": (True, torch.float32),
+         "compiled-bf16-stream": (True, torch.bfloat16)}
 # Token grids (post-patch frames x rows x cols) for the token counts of the issue; others get 1 x 1 x L.
 GRIDS = {5120: (5, 32, 32), 27280: (31, 22, 40)}
 
@@ -81,14 +85,15 @@ def _time(fn, device, warmup: int, iters: int) -> float:
     return (time.perf_counter() - t0) / iters
 
 
-def run_case(block, cfg, tokens: int, grid, device, warmup: int, iters: int) -> dict:
+def run_case(block, cfg, tokens: int, grid, device, warmup: int, iters: int,
+             residual_dtype: torch.dtype = torch.float32) -> dict:
     D = cfg.dim
     g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(tokens, 1, D, device=device, generator=g).requires_grad_(True)
+    x = torch.randn(tokens, 1, D, device=device, generator=g).to(residual_dtype).requires_grad_(True)
     e0 = (0.1 * torch.randn(tokens, 1, 6, D, device=device, generator=g)).requires_grad_(True)
     context = torch.randn(cfg.text_len, 1, D, device=device, generator=g, dtype=torch.bfloat16).requires_grad_(True)
     cos, sin = rope_tables(cfg.head_dim, grid, 0, tokens, tokens, cfg.rope_theta, device=device)
-    grad_out = torch.randn(tokens, 1, D, device=device, generator=g)
+    grad_out = torch.randn(tokens, 1, D, device=device, generator=g).to(residual_dtype)
 
     def fwd():
         with torch.no_grad():
@@ -122,7 +127,8 @@ def main(argv=None) -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--linear-impl", default="auto", choices=["auto", "local", "te"])
     p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "flash", "te"])
-    p.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    p.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=list(MODES),
+                   help="compiled-bf16-stream: compiled, residual stream in bf16 (DiTRuntime.residual_dtype)")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one fwd+bwd")
     p.add_argument("--dim", type=int, default=3072)
     p.add_argument("--ffn-dim", type=int, default=14336)
@@ -153,10 +159,11 @@ def main(argv=None) -> None:
     rows = []
     cases = [(mode, tokens) for mode in args.modes for tokens in args.tokens]
     for mode, tokens in cases:
-        if mode == "compiled" and not getattr(block, "_compiled_call_impl", None):
+        compiled, residual_dtype = MODES[mode]
+        if compiled and not getattr(block, "_compiled_call_impl", None):
             compile_blocks([block])
         grid = GRIDS.get(tokens, (1, 1, tokens))
-        r = run_case(block, cfg, tokens, grid, device, args.warmup, args.iters)
+        r = run_case(block, cfg, tokens, grid, device, args.warmup, args.iters, residual_dtype)
         f = r["flops"]
         mem = r["mem"]
         rows.append([mode, f"{tokens:,}", "x".join(map(str, grid)),

@@ -20,6 +20,7 @@ Peak memory: ``torch.cuda.max_memory_allocated`` over one measured call, whole (
 
     python bench/bench_dit_full_gpu.py                                      # 27,280 tokens, 30 blocks
     python bench/bench_dit_full_gpu.py --modes compiled --recompute full selective ffn
+    python bench/bench_dit_full_gpu.py --modes compiled --residual-dtypes float32 bfloat16
     python bench/bench_dit_full_gpu.py --cpu-smoke                          # checks the script only
 """
 
@@ -85,6 +86,9 @@ def make_inputs(cfg: WanDiTConfig, grid, device):
     return [v.to(device) for v in (x, t, text, target)]
 
 
+STREAM_LABEL = "bf16-stream"
+
+
 def _recompute_runtime(setting: str) -> dict:
     if setting == "none":
         return {"activation_checkpointing": False}
@@ -96,10 +100,12 @@ def _recompute_runtime(setting: str) -> dict:
 def run_megawan(cfg, groups, inputs, args, ckpt_dir, device) -> tuple[list, dict]:
     x, t, text, target = inputs
     rows, outs = [], {}
-    for mode in args.modes:
+    for residual, mode in [(r, m) for r in args.residual_dtypes for m in args.modes]:
+        label = mode if residual == "float32" else f"{mode}+{STREAM_LABEL}"
         for setting in ["forward"] + args.recompute:
             torch.manual_seed(0)
             rt = DiTRuntime(dtype=torch.bfloat16, compile_blocks=mode == "compiled",
+                            residual_dtype=getattr(torch, residual),
                             **({} if setting == "forward" else _recompute_runtime(setting)))
             model = WanDiT(cfg, groups, rt)
             if ckpt_dir is not None and not any(Path(ckpt_dir).iterdir()):
@@ -107,7 +113,7 @@ def run_megawan(cfg, groups, inputs, args, ckpt_dir, device) -> tuple[list, dict
             if setting == "forward":
                 model.eval()
                 with torch.no_grad():
-                    outs[mode] = model(x, t, text).float().cpu()
+                    outs[label] = model(x, t, text).float().cpu()
 
                 def fwd():
                     with torch.no_grad():
@@ -121,7 +127,7 @@ def run_megawan(cfg, groups, inputs, args, ckpt_dir, device) -> tuple[list, dict
                     loss.backward()
                     model.zero_grad(set_to_none=True)
                 r = measure(step, device, args.warmup, args.iters)
-            rows.append(("megawan", mode, setting, r))
+            rows.append(("megawan", label, setting, r))
             del model
             gc.collect()
             if device.type == "cuda":
@@ -194,6 +200,9 @@ def main(argv=None) -> None:
     p.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
     p.add_argument("--recompute", nargs="*", default=["full", "selective", "ffn", "none"],
                    help="megawan train-step settings: none | full | selective | ffn, optionally :N blocks")
+    p.add_argument("--residual-dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                   help="megawan's residual stream: float32 (the release's) and/or bfloat16 (DiTRuntime."
+                        "residual_dtype, the faster option; rows marked +bf16-stream)")
     p.add_argument("--no-diffusers", action="store_true")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=3)
@@ -251,14 +260,21 @@ def main(argv=None) -> None:
     print("\nblock TFLOP/s = all blocks' GEMM + attention FLOPs (bench_dit_block_gpu.py; a train step = 3 x "
           "forward, recomputation not counted) / time. 'speed vs best diffusers' divides by diffusers' "
           "fastest (compiled when run) forward or train step.")
-    for mode, out in m_outs.items():
+    for label, out in m_outs.items():
+        mode = label.split("+")[0]
         if mode in d_outs:
             ref = d_outs[mode]
             err = ((out - ref).norm() / ref.norm()).item()
-            print(f"output difference, {mode}, megawan vs diffusers (bf16 both): rel. L2 {err:.3e}")
-    if len(m_outs) == 2:
+            print(f"output difference, {label}, megawan vs diffusers (bf16 GEMMs both; diffusers' residual "
+                  f"stream is bf16): rel. L2 {err:.3e}")
+    if "eager" in m_outs and "compiled" in m_outs:
         a, b = m_outs["eager"], m_outs["compiled"]
         print(f"megawan compiled vs eager forward: rel. L2 {((b - a).norm() / a.norm()).item():.3e}")
+    for label, out in m_outs.items():
+        fp32_stream = m_outs.get(label.split("+")[0])
+        if label.endswith(STREAM_LABEL) and fp32_stream is not None:
+            err = ((out - fp32_stream).norm() / fp32_stream.norm()).item()
+            print(f"megawan {label} vs the fp32 stream (the release's numerics): rel. L2 {err:.3e}")
 
 
 if __name__ == "__main__":

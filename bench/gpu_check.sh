@@ -8,8 +8,9 @@
 #          when there are 2+ GPUs; the fast paths on one GPU: TE linears, cuDNN / flash-attn / TE attention
 #          vs the local / torch paths (bf16), when those packages are installed;
 #   speed  (issue 13) the speed tests that need CUDA; bench_dit_block_gpu.py at 5,120 and 27,280 tokens,
-#          eager and compiled, with a kernel profile; bench_dit_full_gpu.py: the full 5B, megawan vs
-#          diffusers, compiled, forward + train step; bench_vae_decode_paths.py (fp32 / bf16 / channels-last
+#          eager, compiled and compiled with the bf16 residual stream, with a kernel profile;
+#          bench_dit_full_gpu.py: the full 5B, megawan (fp32 and bf16 stream) vs diffusers, compiled,
+#          forward + train step; bench_vae_decode_paths.py (fp32 / bf16 / channels-last
 #          / compiled vs diffusers, with errors); the VAE decode memory benchmark at full width;
 #   fp8    (issue 14) the native FP8 GEMM against brute force and the tiny DiT's FP8 forward + backward vs
 #          bf16 on CUDA; bench_dit_fp8_gpu.py: bf16 vs FP8 block at 5,120 / 27,280 tokens and the full 5B,
@@ -85,8 +86,8 @@ PY
 fi
 if want speed; then
 tstep speed_tests 120 python -m pytest tests/test_dit_speed.py -q -rs -k "cudnn or fused or logged or default"
-tstep block_bench 150 python bench/bench_dit_block_gpu.py --tokens 5120 27280 --modes eager compiled --profile
-tstep full_dit 300 python bench/bench_dit_full_gpu.py --modes compiled --recompute selective ffn --warmup 1 --iters 2
+tstep block_bench 200 python bench/bench_dit_block_gpu.py --tokens 5120 27280 --modes eager compiled compiled-bf16-stream --profile
+tstep full_dit 300 python bench/bench_dit_full_gpu.py --modes compiled --recompute selective --residual-dtypes float32 bfloat16 --warmup 1 --iters 2
 tstep vae_paths 120 python bench/bench_vae_decode_paths.py
 tstep vae_decode 60 python bench/bench_vae_memory.py --frames 121 --height 704 --width 1280 --shards 1
 fi

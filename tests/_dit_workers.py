@@ -40,7 +40,7 @@ def _residual_dtypes(model) -> set:
     return seen
 
 
-def forward_layouts(ckpt_dir, cases, layouts, dtype=torch.float32):
+def forward_layouts(ckpt_dir, cases, layouts, dtype=torch.float32, residual_dtype=torch.float32):
     """Run every input case under every (tp, cp, sequence_parallel) layout.
 
     Returns {(tp, cp, sp, case): output} plus {"residual_dtypes": {(dtype, bf16-exact)} entering a block}.
@@ -50,7 +50,8 @@ def forward_layouts(ckpt_dir, cases, layouts, dtype=torch.float32):
     for tp, cp, sp in layouts:
         groups = parallel_state.initialize(tp, cp)
         model = WanDiT.from_pretrained(ckpt_dir, dtype=dtype, groups=groups,
-                                       runtime=DiTRuntime(sequence_parallel=sp, linear_impl="local"))
+                                       runtime=DiTRuntime(sequence_parallel=sp, linear_impl="local",
+                                                          residual_dtype=residual_dtype))
         model.eval()
         seen = _residual_dtypes(model)
         with torch.no_grad():

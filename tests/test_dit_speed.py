@@ -52,6 +52,9 @@ def _fused_cases(dtype):
                                  (r(s, b, dim), r(s, b, dim), r(s, b, dim), 1e-6, dtype)),
         "gated_residual": (fused.gated_residual, fused.gated_residual_reference,
                            (r(s, b, dim), r(s, b, dim, dt=dtype), r(1, b, dim))),
+        # the residual stream in the GEMM dtype (DiTRuntime.residual_dtype): the output keeps its dtype
+        "gated_residual, stream in dtype": (fused.gated_residual, fused.gated_residual_reference,
+                                            (r(s, b, dim, dt=dtype), r(s, b, dim, dt=dtype), r(1, b, dim))),
         "rms_norm_rope": (fused.rms_norm_rope, fused.rms_norm_rope_reference,
                           (r(s, b, dim, dt=dtype), (r(s, b, 1).detach().abs() * dim).requires_grad_(True),
                            r(dim), dim, 1e-6, cos, sin, heads)),
@@ -68,10 +71,13 @@ def _value_and_grads(fn, args):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("name", ["modulated_layer_norm", "gated_residual", "rms_norm_rope"])
+@pytest.mark.parametrize("name", ["modulated_layer_norm", "gated_residual", "gated_residual, stream in dtype",
+                                  "rms_norm_rope"])
 def test_fused_function_equals_reference_eager_and_compiled(name, dtype):
     fn, ref_fn, args = _fused_cases(dtype)[name]
     ref_out, ref_grads = _value_and_grads(ref_fn, args)
+    if name == "gated_residual, stream in dtype":
+        assert ref_out.dtype == dtype
     tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
     for impl in (fn, torch.compile(fn, backend="inductor", fullgraph=True, dynamic=False)):
         out, grads = _value_and_grads(impl, args)

@@ -30,15 +30,16 @@ def modulated_layer_norm_reference(x, shift, scale, eps, out_dtype):
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """x + y * gate in fp32 (x, gate fp32; y the bf16 branch output).
+    """x + y * gate computed in fp32, returned in x's dtype (the residual stream's: fp32, or bf16 as an
+    option); gate fp32, y the bf16 branch output.
 
     addcmul promotes y inside the kernel, so autograd keeps y in bf16 instead of an fp32 copy of it.
     """
-    return torch.addcmul(x, y, gate)
+    return torch.addcmul(x, y, gate).to(x.dtype)
 
 
 def gated_residual_reference(x, y, gate):
-    return x + y.float() * gate
+    return (x.float() + y.float() * gate).to(x.dtype)
 
 
 def rope_compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -67,7 +67,8 @@ class WanBlock(nn.Module):
         self._te_checkpoint = backend.checkpoint if backend._te_fp8 else None
 
     def forward(self, x, e0, context, rope_cos, rope_sin, num_tokens: int):
-        """x [s, b, dim] fp32; e0 [s or 1, b, 6, dim] fp32; context [512, b, dim] in the TP region."""
+        """x [s, b, dim] (the residual stream: fp32, or ``DiTRuntime.residual_dtype``); e0 [s or 1, b, 6,
+        dim] fp32; context [512, b, dim] in the TP region."""
         args = (x, e0, context, rope_cos, rope_sin, num_tokens)
         if self.recompute in ("full", "selective") and self._recomputing():
             if self._te_checkpoint is not None:  # TE FP8: TE's checkpoint recomputes under the same FP8 state
@@ -84,7 +85,8 @@ class WanBlock(nn.Module):
         h = fused.maybe_compiled(fused.modulated_layer_norm, x)(x, shift1, scale1, self.eps, self.dtype)
         x = fused.maybe_compiled(fused.gated_residual, x)(x, self.self_attn(h, (rope_cos, rope_sin), num_tokens),
                                                            gate1)
-        x = x + self.cross_attn(self.norm3(x).to(self.dtype), context)  # fp32 + bf16 -> fp32, no copy
+        # fp32 stream + bf16 output -> fp32 by promotion (no copy); a bf16 stream stays bf16
+        x = x + self.cross_attn(self.norm3(x).to(self.dtype), context)
         if self.recompute == "ffn" and self._recomputing():
             return checkpoint(self._ffn, x, shift2, scale2, gate2, use_reentrant=False)
         return self._ffn(x, shift2, scale2, gate2)
@@ -262,7 +264,7 @@ class WanDiT(nn.Module):
         grid = self._check_inputs(latents, timestep, text, states)
         shards = self._shards(grid[0] * grid[1] * grid[2])
         x = shards.scatter(shards.pad(self._patchify(latents.float(), grid)))
-        x = self.patch_embedding(x)
+        x = self.patch_embedding(x).to(self.runtime.residual_dtype)
         e, e0 = self._time_embeddings(timestep, shards, grid, states)
         context = self._text_context(text)
         start, end = shards.cp_chunk

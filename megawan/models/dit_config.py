@@ -157,8 +157,14 @@ RECOMPUTE_GRANULARITIES = ("full", "selective", "ffn")
 class DiTRuntime:
     """How the model runs: precision, parallel switches and kernels (not part of the architecture).
 
-    dtype: dtype of the attention/FFN GEMM weights; embeddings, modulation, norms, the head and the
-        residual stream stay fp32 as in the release.
+    dtype: dtype of the attention/FFN GEMM weights; embeddings, modulation, norms and the head stay
+        fp32 as in the release.
+    residual_dtype: dtype of the residual stream (the tokens between and through the blocks):
+        float32, the release's numerics (default), or bf16 / fp16, the faster, lower-precision option
+        (half the stream's memory traffic in the element-wise passes and half the activations a
+        recomputing block keeps; diffusers' ``WanTransformer3DModel`` run in bf16 does the same).
+        Norms, modulation and gates still compute in fp32; each residual add is rounded to
+        ``residual_dtype``. Its error against the release: docs/dit.md.
     sequence_parallel: Megatron SP on the residual stream (only meaningful with tp > 1).
     linear_impl: "auto" | "local" (megatron-core) | "te" (Transformer Engine).
     attention_backend: "auto" | "torch" | "cudnn" | "flash" | "te"; resolved once and logged
@@ -186,6 +192,7 @@ class DiTRuntime:
     """
 
     dtype: torch.dtype = torch.float32
+    residual_dtype: torch.dtype = torch.float32
     sequence_parallel: bool = True
     linear_impl: str = "auto"
     attention_backend: str = "auto"
@@ -199,6 +206,9 @@ class DiTRuntime:
     fp8_attention: bool = False
 
     def __post_init__(self):
+        if self.residual_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"residual_dtype must be torch.float32 (the release's), torch.bfloat16 or "
+                             f"torch.float16, got {self.residual_dtype}")
         if self.fp8_bf16_blocks < 0:
             raise ValueError(f"fp8_bf16_blocks must be >= 0, got {self.fp8_bf16_blocks}")
         if self.recompute_granularity not in RECOMPUTE_GRANULARITIES:

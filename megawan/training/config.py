@@ -43,7 +43,8 @@ class ModelSection:
     dit: str = "tiny"  # a DiT preset name or a config file (random init), ignored with `init`
     init: str | None = None  # a released Wan 2.2 checkpoint directory (official or diffusers layout)
     state_dim: int = 0  # robot-state conditioning (25 for 1X); 0 = off
-    dtype: str = "bfloat16"  # GEMM weights / compute; residual stream, norms, embeddings stay fp32
+    dtype: str = "bfloat16"  # GEMM weights / compute; norms, modulation, embeddings, head stay fp32
+    residual_dtype: str = "float32"  # the residual stream: float32 (the release's) | bfloat16 (faster option)
     activation_checkpointing: bool = False
     recompute_granularity: str = "full"  # full | selective (keep attention outputs) | ffn (recompute the FFN only)
     recompute_num_blocks: int | None = None  # only the first N blocks recompute; None = all
@@ -138,6 +139,7 @@ class TrainConfig:
 
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
+    "model.residual_dtype": ("float32", "bfloat16"),
     "model.fp8": FP8_MODES,
     "model.recompute_granularity": RECOMPUTE_GRANULARITIES,
     "data.source": ("1x", "cache"),

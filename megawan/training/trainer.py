@@ -115,7 +115,8 @@ class Trainer:
         check_memory(cfg, self.dit_config, world, self.groups.device)
 
         dtype = getattr(torch, cfg.model.dtype)
-        runtime = DiTRuntime(dtype=dtype, sequence_parallel=cfg.parallel.sequence_parallel,
+        runtime = DiTRuntime(dtype=dtype, residual_dtype=getattr(torch, cfg.model.residual_dtype),
+                             sequence_parallel=cfg.parallel.sequence_parallel,
                              linear_impl=cfg.model.linear_impl, attention_backend=cfg.model.attention_backend,
                              activation_checkpointing=cfg.model.activation_checkpointing,
                              recompute_granularity=cfg.model.recompute_granularity,
@@ -328,7 +329,8 @@ class Trainer:
                             progress_bar=cfg.logging.progress_bar)
         log.message(f"megawan train: tp={self.groups.tp} cp={self.groups.cp} dp={self.groups.dp} "
                     f"(sequence parallel {self.model.sequence_parallel}), {self.tokens} tokens/sample, "
-                    f"dtype {cfg.model.dtype}, fp8 {cfg.model.fp8}, steps {self.step} -> {cfg.run.steps}"
+                    f"dtype {cfg.model.dtype}, residual stream {cfg.model.residual_dtype}, fp8 {cfg.model.fp8}, "
+                    f"compiled blocks {self.model.backend.compile_blocks}, steps {self.step} -> {cfg.run.steps}"
                     + (f", resumed from {resumed}" if resumed else ""))
         batches = self.data.batches()
         preempted = False
