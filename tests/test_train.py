@@ -45,12 +45,18 @@ def _max_param_err(a: dict, b: dict) -> float:
     return max(_rel(a[k], b[k]) for k in a)
 
 
-def test_tp2_cp2_training_matches_single_process(data_root, tmp_path):
+# The GPU default: compiled blocks (one graph per block, collectives traced) with recomputation inside it.
+COMPILED = {"model.compile_blocks": True, "model.activation_checkpointing": True,
+            "model.recompute_granularity": "selective"}
+
+
+@pytest.mark.parametrize("four_ranks", [{}, COMPILED], ids=["eager", "compiled-selective"])
+def test_tp2_cp2_training_matches_single_process(data_root, tmp_path, four_ranks):
     steps = 3
     one = run_distributed(w.train, 1, w.tiny_overrides(data_root, tmp_path / "one", **{
         "run.steps": steps, "parallel.tp": 1, "parallel.cp": 1}))[0]
     four = run_distributed(w.train, 4, w.tiny_overrides(data_root, tmp_path / "four", **{
-        "run.steps": steps, "parallel.tp": 2, "parallel.cp": 2}))[0]
+        "run.steps": steps, "parallel.tp": 2, "parallel.cp": 2, **four_ranks}), timeout_s=1200)[0]
     assert len(one["losses"]) == len(four["losses"]) == steps
     assert abs(four["losses"][0] - one["losses"][0]) <= LOSS_TOL * abs(one["losses"][0])
     for a, b in zip(four["grad_norms"], one["grad_norms"]):  # before clipping: the true global norm

@@ -35,8 +35,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from megawan.layers import tp_gemm
-
 FP8_MODES = ("off", "native-tensorwise", "native-rowwise", "te-delayed", "te-current")
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
@@ -169,10 +167,3 @@ class Fp8Gemm:
 
     def __repr__(self) -> str:
         return f"Fp8Gemm({self.recipe})"
-
-
-def use_native_fp8(layer, recipe: NativeFp8):
-    """Route a megatron local linear's GEMMs through FP8 (parameters and state dict unchanged)."""
-    tp_gemm.use_gemm(layer, Fp8Gemm(recipe))
-    layer.fp8 = recipe
-    return layer

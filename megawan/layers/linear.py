@@ -33,7 +33,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
 from megawan.layers import tp_gemm
-from megawan.layers.fp8 import use_native_fp8
+from megawan.layers.fp8 import Fp8Gemm
 
 LINEAR_IMPLS = ("auto", "local", "te")
 
@@ -59,8 +59,9 @@ def _xavier(w: torch.Tensor) -> torch.Tensor:
 
 
 def _finish(layer, weight_dim: int, fp8, traceable: bool, stride: int = 1):
-    if fp8 is not None:
-        use_native_fp8(layer, fp8)
+    if fp8 is not None:  # native FP8: megawan's linear function with FP8 GEMMs (state dict unchanged)
+        tp_gemm.use_gemm(layer, Fp8Gemm(fp8))
+        layer.fp8 = fp8
     elif traceable and hasattr(layer, "_forward_impl"):  # megatron-core's local layers (not TE's)
         tp_gemm.use_gemm(layer, tp_gemm.HIGH_PRECISION)
     return _with_tp_identity(layer, weight_dim, stride)
