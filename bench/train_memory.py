@@ -2,8 +2,8 @@
 
 For each preset (8 GPUs, bf16 GEMMs, EMA on, SP on) and a few layouts: parameters held per rank, bf16/fp32
 weights, the fp32 grad buffer, the distributed optimizer's shard (fp32 master + Adam m, v: 12 B/param over
-dp x cp ranks), the EMA's replicated fp32 copy, activations without and with activation checkpointing,
-and the total with checkpointing (the presets' setting). GiB.
+dp x cp ranks), the EMA's replicated fp32 copy, activations without recomputation, with "full" (the
+presets' setting) and with "selective" recomputation in every block, and the totals. GiB.
 
     python bench/train_memory.py
 """
@@ -33,16 +33,18 @@ def rows(world: int = 8) -> list[list]:
         for tp, cp in layouts:
             kw = dict(tokens=tokens, batch=1, tp=tp, cp=cp, dp=world // (tp * cp), compute_bytes=2)
             plain = estimate_memory(cfg, ema=True, **kw)
-            ckpt = estimate_memory(cfg, ema=True, activation_checkpointing=True, **kw)
+            ckpt = estimate_memory(cfg, ema=True, recompute="full", **kw)
+            sel = estimate_memory(cfg, ema=True, recompute="selective", **kw)
             ema = plain.optimizer - estimate_memory(cfg, ema=False, **kw).optimizer
             out.append([name, f"tp{tp} cp{cp} dp{world // (tp * cp)}", f"{(split / tp + replicated) / 1e9:.2f} B",
                         *(f"{v / GIB:.1f}" for v in (plain.weights, plain.grads, plain.optimizer - ema, ema,
-                                                    plain.activations, ckpt.activations, plain.total, ckpt.total))])
+                                                    plain.activations, ckpt.activations, sel.activations,
+                                                    plain.total, ckpt.total, sel.total))])
     return out
 
 
-HEADER = ["preset", "layout", "params/rank", "weights", "grads", "Adam shard", "EMA", "act", "act (ckpt)",
-          "total", "total (ckpt)"]
+HEADER = ["preset", "layout", "params/rank", "weights", "grads", "Adam shard", "EMA", "act", "act (full)",
+          "act (selective)", "total", "total (full)", "total (selective)"]
 
 if __name__ == "__main__":
     print(format_table(rows(), HEADER, left_columns=2))

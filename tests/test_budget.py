@@ -12,9 +12,11 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from megawan.models.dit import DiTRuntime, WanDiT
 from megawan.models.dit_config import WanDiTConfig
 from megawan.testing import run_distributed
-from megawan.training.budget import dit_flops, dit_param_counts, estimate_memory
+from megawan.training.budget import (_recomputing_block_bytes_per_token, dit_flops, dit_param_counts,
+                                     estimate_memory)
 
 TINY = WanDiTConfig.load("tiny")
+RELEASE = WanDiTConfig.load("wan2.2-ti2v-5b")
 # a second shape, every width different from the tiny preset's, so no term of the formula hides
 OTHER = dataclasses.replace(TINY, dim=192, num_heads=8, ffn_dim=320, num_layers=3, text_dim=48, text_len=40,
                             freq_dim=64, in_channels=16, out_channels=12)
@@ -105,3 +107,51 @@ def test_training_flops_are_three_forwards_within_2_percent(cfg):
     torch.manual_seed(0)
     counted, tokens, b = _counted(WanDiT(cfg, runtime=RT), cfg, 5, 8, backward=True)
     assert counted == pytest.approx(dit_flops(cfg, tokens, batch=b), rel=0.02)
+
+
+# ---- activations kept for backward ---------------------------------------------------------------
+
+def _held_bytes(cfg, runtime, latent_h: int) -> int:
+    """Bytes a training forward leaves allocated (kept for backward, plus the output), CPU profiler."""
+    torch.manual_seed(0)
+    model = WanDiT(cfg, runtime=runtime).train()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, cfg.in_channels, 3, latent_h, 8, generator=g)
+    t = torch.full((1,), 500.0)
+    text = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = model(x, t, text)
+    del out
+    return sum(e.self_cpu_memory_usage for e in prof.events())
+
+
+@pytest.mark.parametrize("granularity", ["full", "selective"])
+@pytest.mark.parametrize("dtype, stream", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                           (torch.bfloat16, torch.bfloat16)])
+def test_recomputing_blocks_keep_what_the_estimate_says(granularity, dtype, stream):
+    """Bytes kept per token per block, measured as the growth of what a forward leaves allocated with one
+    more block (layers 1 -> 2) and more tokens (latent 3 x 8 x 8 -> 3 x 16 x 8: 48 -> 96 tokens), equal
+    the estimate's figure exactly."""
+    cfg = dataclasses.replace(TINY, num_layers=1)
+    rt = DiTRuntime(dtype=dtype, residual_dtype=stream, linear_impl="local", attention_backend="torch",
+                    activation_checkpointing=True, recompute_granularity=granularity)
+    held = {(layers, h): _held_bytes(dataclasses.replace(cfg, num_layers=layers), rt, h)
+            for layers in (1, 2) for h in (8, 16)}
+    per_block = {h: held[(2, h)] - held[(1, h)] for h in (8, 16)}
+    tokens = {h: 3 * (h // 2) * 4 for h in (8, 16)}
+    measured = (per_block[16] - per_block[8]) / (tokens[16] - tokens[8])
+    expected = _recomputing_block_bytes_per_token(cfg, granularity, dtype.itemsize, stream.itemsize)
+    assert measured == expected, (measured, expected)
+
+
+def test_estimate_counts_granularity_blocks_and_stream():
+    kw = dict(tokens=27280, batch=1, tp=1, cp=1, dp=8)
+    full = estimate_memory(RELEASE, recompute="full", **kw).activations
+    sel = estimate_memory(RELEASE, recompute="selective", **kw).activations
+    none = estimate_memory(RELEASE, **kw).activations
+    half = estimate_memory(RELEASE, recompute="full", recompute_num_blocks=15, **kw).activations
+    bf16_stream = estimate_memory(RELEASE, recompute="full", residual_bytes=2, **kw).activations
+    assert full < sel < none
+    assert half == pytest.approx((full + none) / 2, rel=0.05)
+    # 30 blocks' fp32 inputs become bf16: 30 x 2 bytes x D x L less
+    assert full - bf16_stream == 30 * 2 * RELEASE.dim * 27280

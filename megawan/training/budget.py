@@ -11,9 +11,17 @@ q/k-norm weights; everything else is replicated):
 - gradients: megatron DDP's fp32 grad buffer (grad_reduce_in_fp32), one per parameter;
 - optimizer: the distributed optimizer's fp32 master copy + Adam's two moments (12 B / param), sharded
   over the DP x CP ranks; an EMA adds a replicated fp32 copy (4 B / param);
-- activations: without checkpointing each block keeps what its backward needs; with it, only the block
-  inputs (fp32 residual) plus one block's worth during its recomputation. The per-token byte counts
-  below come from the block's dataflow (docs/training.md lists them).
+- activations, per recomputation granularity (``DiTRuntime.recompute_granularity``) of the recomputing
+  blocks (the first ``recompute_num_blocks``; the others keep everything):
+  * "full": only the block input (the residual stream, 4 or 2 B per feature), plus one block's worth
+    during its recomputation;
+  * "selective": the input plus the two attention cores' outputs (compute dtype) and softmax
+    statistics (fp32, one per head);
+  * "ffn": everything except the FFN's hidden activations and its input, which it recomputes from the
+    stream;
+  * none: what the block's backward needs, from its dataflow (``_block_activation_bytes_per_token``).
+  "full" and "selective" are exact (tests/test_budget.py measures them on a real forward); the dataflow
+  figure assumes the fused element-wise functions (GPU, compiled); CPU eager holds more (docs/training.md).
 """
 
 from __future__ import annotations
@@ -58,12 +66,12 @@ def dit_param_counts(cfg: WanDiTConfig) -> tuple[int, int]:
     return cfg.num_layers * split_per_block, cfg.num_layers * replicated_per_block + embed + head
 
 
-# Activation bytes kept per token per block for backward (bf16 compute, fp32 residual stream), per the
-# block dataflow: fp32 residual / norm / modulation tensors ~ 10 x 4D, bf16 GEMM inputs and outputs
-# (q, k, v, attention out, o in, cross q / out, fc1 in) ~ 10 x 2D, and the FFN hidden (fc1 out, GELU out)
-# 2 x 2F. Megatron SP and Ulysses split all of them over tp x cp.
-def _block_activation_bytes_per_token(cfg: WanDiTConfig) -> int:
-    return 10 * 4 * cfg.dim + 10 * 2 * cfg.dim + 2 * 2 * cfg.ffn_dim
+# Activation bytes kept per token per block for backward without recomputation, per the block dataflow
+# with fused element-wise functions: fp32 residual / norm / modulation tensors ~ 10 x 4D, GEMM inputs and
+# outputs in the compute dtype (q, k, v, attention out, o in, cross q / out, fc1 in) ~ 10 x cD, and the
+# FFN hidden (fc1 out, GELU out) 2 x cF. Megatron SP and Ulysses split all of them over tp x cp.
+def _block_activation_bytes_per_token(cfg: WanDiTConfig, compute_bytes: int = 2) -> int:
+    return 10 * 4 * cfg.dim + 10 * compute_bytes * cfg.dim + 2 * compute_bytes * cfg.ffn_dim
 
 
 @dataclass
@@ -84,9 +92,25 @@ class MemoryEstimate:
         return f"{self.total / scale:.1f} {unit} ({parts} {unit})"
 
 
+def _recomputing_block_bytes_per_token(cfg: WanDiTConfig, granularity: str, compute_bytes: int,
+                                       residual_bytes: int) -> int:
+    """Bytes a recomputing block keeps per token for backward (see the module docstring)."""
+    stream = residual_bytes * cfg.dim
+    if granularity == "full":
+        return stream
+    if granularity == "selective":  # self- and cross-attention outputs + their fp32 log-sum-exp per head
+        return stream + 2 * (compute_bytes * cfg.dim + 4 * cfg.num_heads)
+    if granularity == "ffn":  # everything but fc1's input and the FFN hidden (fc1 out, GELU out)
+        everything = _block_activation_bytes_per_token(cfg, compute_bytes)
+        return everything - compute_bytes * (cfg.dim + 2 * cfg.ffn_dim) + stream
+    raise ValueError(f"unknown recompute granularity {granularity!r}")
+
+
 def estimate_memory(cfg: WanDiTConfig, *, tokens: int, batch: int, tp: int, cp: int, dp: int,
-                    compute_bytes: int = 2, activation_checkpointing: bool = False, ema: bool = False,
-                    sequence_parallel: bool = True) -> MemoryEstimate:
+                    compute_bytes: int = 2, recompute: str | None = None, recompute_num_blocks: int | None = None,
+                    residual_bytes: int = 4, ema: bool = False, sequence_parallel: bool = True) -> MemoryEstimate:
+    """Per-rank bytes. ``recompute``: None (keep everything) or a granularity; ``recompute_num_blocks``:
+    only the first N blocks recompute (None = all); ``residual_bytes``: 4 (fp32 stream) or 2."""
     split, replicated = dit_param_counts(cfg)
     params = split / tp + replicated
     # GEMM weights and biases in the compute dtype, except the fp32 q/k-norm weights (split, 4 D per
@@ -97,24 +121,30 @@ def estimate_memory(cfg: WanDiTConfig, *, tokens: int, batch: int, tp: int, cp: 
     optimizer = params * 12 / (dp * cp) + (params * 4 if ema else 0)
     sp = tp if sequence_parallel else 1
     local_tokens = batch * tokens / (cp * sp)
-    per_block = _block_activation_bytes_per_token(cfg) * local_tokens
-    if activation_checkpointing:
-        activations = cfg.num_layers * 4 * cfg.dim * local_tokens + per_block
-    else:
-        activations = cfg.num_layers * per_block
+    per_block = _block_activation_bytes_per_token(cfg, compute_bytes) * local_tokens
+    recomputing = 0 if recompute is None else min(cfg.num_layers, recompute_num_blocks if recompute_num_blocks
+                                                  is not None else cfg.num_layers)
+    activations = (cfg.num_layers - recomputing) * per_block
+    if recomputing:
+        kept = _recomputing_block_bytes_per_token(cfg, recompute, compute_bytes, residual_bytes) * local_tokens
+        activations += recomputing * kept + per_block  # + one block's worth while it recomputes
     # the per-token modulation e0 (fp32 [tokens, 6, D]) and the time embedding, kept once per forward
     activations += 7 * cfg.dim * 4 * local_tokens
     return MemoryEstimate(weights, grads, optimizer, activations)
 
 
-def suggest_layout(cfg: WanDiTConfig, world: int, capacity: float, **kw) -> tuple[int, int, bool] | None:
-    """The smallest tp (then cp) dividing ``world`` whose estimate fits ``capacity`` (checkpointing last)."""
-    for ckpt in (False, True):
+RECOMPUTE_ORDER = (None, "ffn", "selective", "full")  # least recomputation first
+
+
+def suggest_layout(cfg: WanDiTConfig, world: int, capacity: float, **kw) -> tuple[int, int, str | None] | None:
+    """(tp, cp, recompute granularity or None): the least recomputation, then the smallest tp, then cp,
+    dividing ``world``, whose estimate fits ``capacity``."""
+    for recompute in RECOMPUTE_ORDER:
         for tp in (1, 2, 4, 8):
             for cp in (1, 2, 4, 8):
                 if world % (tp * cp) or cfg.num_heads % tp or (cfg.num_heads // tp) % cp:
                     continue
-                est = estimate_memory(cfg, tp=tp, cp=cp, dp=world // (tp * cp), activation_checkpointing=ckpt, **kw)
+                est = estimate_memory(cfg, tp=tp, cp=cp, dp=world // (tp * cp), recompute=recompute, **kw)
                 if est.total <= capacity:
-                    return tp, cp, ckpt
+                    return tp, cp, recompute
     return None

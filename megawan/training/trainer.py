@@ -79,16 +79,19 @@ def check_memory(cfg: TrainConfig, dit: WanDiTConfig, world: int, device: torch.
     """Refuse a layout whose estimated per-rank memory exceeds the rank's capacity, naming a layout that fits."""
     tokens = tokens_per_sample(dit, latent_shape(cfg.data))
     kw = dict(tokens=tokens, batch=cfg.data.batch_size, compute_bytes=2 if cfg.model.dtype == "bfloat16" else 4,
+              residual_bytes=2 if cfg.model.residual_dtype == "bfloat16" else 4,
               ema=cfg.optim.ema_decay > 0, sequence_parallel=cfg.parallel.sequence_parallel)
+    recompute = cfg.model.recompute_granularity if cfg.model.activation_checkpointing else None
     est = estimate_memory(dit, tp=cfg.parallel.tp, cp=cfg.parallel.cp, dp=world // (cfg.parallel.tp * cfg.parallel.cp),
-                          activation_checkpointing=cfg.model.activation_checkpointing, **kw)
+                          recompute=recompute, recompute_num_blocks=cfg.model.recompute_num_blocks, **kw)
     capacity = device_capacity_bytes(device)
     if est.total <= capacity:
         logger.info("memory estimate per rank: %s of %.1f GiB", est.describe(), capacity / GIB)
         return
     fit = suggest_layout(dit, world, capacity, **kw)
     hint = (f"a layout that fits: --parallel.tp {fit[0]} --parallel.cp {fit[1]}"
-            + (" --model.activation_checkpointing true" if fit[2] else "")) if fit else \
+            + (f" --model.activation_checkpointing true --model.recompute_granularity {fit[2]}" if fit[2]
+               else "")) if fit else \
         "no layout of these ranks fits: use more ranks, a smaller batch or shorter clips"
     raise MemoryBudgetError(
         f"tp={cfg.parallel.tp} x cp={cfg.parallel.cp} on {world} ranks needs about {est.describe()} per rank "
