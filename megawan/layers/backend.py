@@ -110,11 +110,12 @@ class DiTBackend:
         return AttentionKernel(self.attention_backend, num_heads, head_dim)
 
     @property
-    def traceable_blocks(self) -> bool:
-        """Whether ``torch.compile`` can trace a whole block, collectives and checkpoint included:
+    def whole_block_graphs(self) -> bool:
+        """Whether compiled blocks compile each block's whole forward, checkpoint included: with
         megatron-core's local linears (run through ``tp_gemm`` when compiled at TP > 1) and SDPA or
-        flash-attn kernels. Transformer Engine's modules are graph breaks."""
-        return self.linear_impl == "local" and self.attention_backend != "te"
+        flash-attn kernels in every layout; with Transformer Engine's modules (graph breaks, which a
+        traced checkpoint cannot hold) only at TP = CP = 1. See ``megawan.models.dit.compile_blocks``."""
+        return (self.linear_impl == "local" and self.attention_backend != "te") or self.tp * self.cp == 1
 
     @property
     def _traceable_linears(self) -> bool:

@@ -62,7 +62,7 @@ def _finish(layer, weight_dim: int, fp8, traceable: bool, stride: int = 1):
     if fp8 is not None:  # native FP8: megawan's linear function with FP8 GEMMs (state dict unchanged)
         tp_gemm.use_gemm(layer, Fp8Gemm(fp8))
         layer.fp8 = fp8
-    elif traceable and hasattr(layer, "_forward_impl"):  # megatron-core's local layers (not TE's)
+    elif traceable and isinstance(layer, (ColumnParallelLinear, RowParallelLinear)):  # local, not TE's
         tp_gemm.use_gemm(layer, tp_gemm.HIGH_PRECISION)
     return _with_tp_identity(layer, weight_dim, stride)
 

@@ -96,13 +96,13 @@ class WanBlock(nn.Module):
         return fused.maybe_compiled(fused.gated_residual, x)(x, self.ffn(h), gate)
 
 
-def compile_blocks(blocks, traceable: bool = True) -> None:
+def compile_blocks(blocks, whole: bool = True) -> None:
     """Regional compilation: ``torch.compile`` each block in place. The blocks share one code object
     and their parameters are graph inputs, so the first block's graph serves all of them.
 
-    ``traceable`` (megatron-core's local linears, SDPA / flash-attn kernels: ``DiTBackend.
-    traceable_blocks``): the whole ``forward`` is one graph in every TP / SP / CP layout, collectives
-    and recomputation included. The linears run megawan's synchronous-collective function at TP > 1
+    ``whole`` (``DiTBackend.whole_block_graphs``: megatron-core's local linears and SDPA / flash-attn
+    kernels, in every TP / SP / CP layout): the whole ``forward`` is one graph, collectives and
+    recomputation included. The linears run megawan's synchronous-collective function at TP > 1
     (megawan/layers/tp_gemm.py), the Ulysses all-to-alls and the q/k-norm all-reduce are megatron's /
     megawan's autograd functions over plain collectives, which dynamo turns into functional
     collectives; dynamo traces the checkpoint and the partitioner applies the "selective" policy.
@@ -113,7 +113,7 @@ def compile_blocks(blocks, traceable: bool = True) -> None:
     """
     compile_compat.install()
     for block in blocks:
-        if not traceable and block.recompute is not None:
+        if not whole and block.recompute is not None:
             if block.recompute == "selective":
                 warnings.warn("compiled blocks with Transformer Engine modules at TP or CP > 1: 'selective' "
                               "recomputation recomputes the attention too (as 'full'); use 'ffn', or "
@@ -160,7 +160,7 @@ class WanDiT(nn.Module):
         self._tag_replicated_params()
         self.to(groups.device)
         if self.backend.compile_blocks:
-            compile_blocks(self.blocks, traceable=self.backend.traceable_blocks or groups.tp * groups.cp == 1)
+            compile_blocks(self.blocks, whole=self.backend.whole_block_graphs)
 
     def _tag_replicated_params(self) -> None:
         """Mark replicated params whose grads are partial sums over this rank's sequence shard.
