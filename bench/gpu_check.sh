@@ -18,8 +18,12 @@
 #   train  (issue 10) bench_train_gpu.py: a full-width 5B train step at 5,120 and 27,280 tokens beside
 #          diffusers' WanTransformer3DModel doing the same step, tokens/s, MFU, peak memory.
 #   bash bench/gpu_check.sh STAGE [OUT_DIR]      (STAGE: tests | speed | fp8 | train | all)
-# Not yet run: no session so far had a GPU machine. Wheels first (../shared/device/README.md):
-#   python3 -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl && export PYTHONPATH=$PWD/.site:$PWD
+# Not yet run: no session so far had a GPU machine. Wheels first (../shared/device/README.md): the image
+# lacks megatron-core, diffusers, PyAV (a core dependency: the sample data and the 1X reader) and torchao:
+#   here:  bash ../shared/device/fetch_wheels.sh av torchao==0.18.0   (46 MB of wheels; carry=[".whl"])
+#   there: python3 -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl && export PYTHONPATH=$PWD/.site:$PWD
+# (it has pytest, pytest-xdist, safetensors, einops, transformers, tensorboard, psutil, pyyaml, scikit-image;
+# the test extras torchcodec / decord are absent: their decoder tests skip, saying so under -rs)
 # Each step has a time limit, logs its output, and the script carries on past a failing step, so one run
 # says everything; the exit status is non-zero when any step failed.
 set -uo pipefail
@@ -31,6 +35,21 @@ want() { [ "$STAGE" = all ] || [ "$STAGE" = "$1" ]; }
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+# Preflight: what the whole run needs, named at once rather than as a failure minutes in.
+python - <<'PY' || exit 3
+import importlib.util, sys
+need = {"megatron.core": "megatron-core", "diffusers": "diffusers", "av": "av (PyAV)", "torchao": "torchao",
+        "safetensors": "safetensors", "pytest": "pytest"}
+def found(mod):
+    try:
+        return importlib.util.find_spec(mod) is not None
+    except ModuleNotFoundError:  # a dotted name whose parent is missing
+        return False
+missing = [pkg for mod, pkg in need.items() if not found(mod)]
+if missing:
+    sys.exit("gpu_check.sh: missing " + ", ".join(missing) + ": carry them as wheels (see this script's header)")
+print("preflight: every package found")
+PY
 FAILED=0
 # A step with a wall-clock limit (seconds): its log, its exit status, the tail of its log.
 tstep() {
@@ -43,7 +62,10 @@ NGPU=$(python -c "import torch; print(torch.cuda.device_count())")
 # The whole suite with single-process tests on GPU 0 and gloo ranks on CPU (the default), then with NCCL
 # ranks (tests needing more GPUs than this machine has are skipped, and say so under -rs).
 if want tests; then
-tstep gpu_tests 420 python -m pytest tests -q -rs -x
+# pytest-xdist is on the GPU machine's image: 8 workers share its 16 cores (2 threads each); the
+# single-process tests share GPU 0, the multi-rank tests run gloo ranks on the CPUs.
+XDIST=$(python -c "import xdist" 2>/dev/null && echo "-n 8" || true)
+tstep gpu_tests 420 env OMP_NUM_THREADS=2 python -m pytest tests -q -rs -x $XDIST
 [ "$NGPU" -ge 2 ] && tstep nccl_tests 300 env MEGAWAN_TEST_BACKEND=nccl python -m pytest tests -q -rs -x
 tstep fast_paths 120 python - <<'PY'
 import torch
