@@ -158,10 +158,16 @@ def main(argv=None) -> None:
           f"warmup {args.warmup}, iters {args.iters}\n")
     rows = []
     cases = [(mode, tokens) for mode in args.modes for tokens in args.tokens]
+    previous = None
     for mode, tokens in cases:
         compiled, residual_dtype = MODES[mode]
         if compiled and not getattr(block, "_compiled_call_impl", None):
             compile_blocks([block])
+        if compiled and mode != previous:
+            # a fresh compile cache per mode: its variants (token counts, grad on / off) stay far below
+            # dynamo's recompile limit, past which it would silently run the block eagerly
+            torch._dynamo.reset()
+        previous = mode
         grid = GRIDS.get(tokens, (1, 1, tokens))
         r = run_case(block, cfg, tokens, grid, device, args.warmup, args.iters, residual_dtype)
         f = r["flops"]

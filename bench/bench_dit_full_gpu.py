@@ -104,6 +104,7 @@ def run_megawan(cfg, groups, inputs, args, ckpt_dir, device) -> tuple[list, dict
         label = mode if residual == "float32" else f"{mode}+{STREAM_LABEL}"
         for setting in ["forward"] + args.recompute:
             torch.manual_seed(0)
+            torch._dynamo.reset()  # each model compiles afresh: no case runs into dynamo's recompile limit
             rt = DiTRuntime(dtype=torch.bfloat16, compile_blocks=mode == "compiled",
                             residual_dtype=getattr(torch, residual),
                             **({} if setting == "forward" else _recompute_runtime(setting)))
