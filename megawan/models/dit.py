@@ -81,7 +81,10 @@ class WanBlock(nn.Module):
         return self.training and torch.is_grad_enabled()
 
     def _forward(self, x, e0, context, rope_cos, rope_sin, num_tokens: int):
-        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unbind(2)
+        # Six separate [s, b, dim] sums rather than views of one [s, b, 6, dim] sum: what backward keeps
+        # (scales, gates) then holds only those chunks, not the whole per-token sum per block.
+        mod = self.modulation.float()
+        shift1, scale1, gate1, shift2, scale2, gate2 = (mod[:, i] + e0[:, :, i] for i in range(6))
         h = fused.maybe_compiled(fused.modulated_layer_norm, x)(x, shift1, scale1, self.eps, self.dtype)
         x = fused.maybe_compiled(fused.gated_residual, x)(x, self.self_attn(h, (rope_cos, rope_sin), num_tokens),
                                                            gate1)
