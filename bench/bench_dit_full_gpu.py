@@ -89,6 +89,13 @@ def make_inputs(cfg: WanDiTConfig, grid, device):
 STREAM_LABEL = "bf16-stream"
 
 
+def _release_memory(device) -> None:
+    """Free the last model before the next one is built (each case's peak memory is its own)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def _recompute_runtime(setting: str) -> dict:
     if setting == "none":
         return {"activation_checkpointing": False}
@@ -130,9 +137,7 @@ def run_megawan(cfg, groups, inputs, args, ckpt_dir, device) -> tuple[list, dict
                 r = measure(step, device, args.warmup, args.iters)
             rows.append(("megawan", label, setting, r))
             del model
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            _release_memory(device)
     return rows, outs
 
 
@@ -188,9 +193,7 @@ def run_diffusers(ckpt_dir, inputs, args, device) -> tuple[list, dict]:
                 r = measure(step, device, args.warmup, args.iters)
             rows.append(("diffusers", mode, setting, r))
             del model
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            _release_memory(device)
     return rows, outs
 
 
