@@ -423,3 +423,28 @@ def test_memory_estimate_adds_the_ring_buffers_and_suggests_cp_beyond_the_heads(
     assert suggest_layout(five_b, 32, 24 * GIB, tokens=220_000, batch=1, cp_impl="ring") == (2, 16, "selective")
     with pytest.raises(LayoutError, match=r"\(heads / tp\) % cp == 0"):
         ParallelLayout(32, 2, 16).validate(five_b.num_heads)
+
+
+def evaluate_worker(argv):
+    from megawan import evaluate
+
+    return evaluate.main(argv)
+
+
+def test_evaluate_cli_takes_cp_impl(tmp_path):
+    """evaluate --cp 2 --cp-impl ring on 2 ranks scores the world-model rollouts as the single process does."""
+    from megawan.tools import make_sample_data
+    from tests.sampling_fixtures import STATE_DIM, write_release
+
+    make_sample_data.main(["--out", str(tmp_path / "data"), "--train-shards", "1", "--val-shards", "1",
+                           "--frames-per-shard", "60", "--size", "64", "--min-segment", "30", "--max-segment", "40",
+                           "--captioned-videos", "0", "--workers", "1"])
+    wm = write_release(tmp_path / "wm", state_dim=STATE_DIM, text=False)
+    base = ["--ckpt", str(wm), "--data", str(tmp_path / "data" / "val_v2.0_raw"), "--num-clips", "1", "--frames",
+            "21", "--steps", "2", "--dtype", "fp32"]
+    one = evaluate_worker(base + ["--out", str(tmp_path / "one.json")])
+    two = run_distributed(evaluate_worker, 2, base + ["--out", str(tmp_path / "two.json"), "--cp", "2",
+                                                      "--cp-impl", "ring"])[0]
+    assert two["settings"]["layout"]["cp_impl"] == "ring" and two["settings"]["layout"]["cp"] == 2
+    for key in ("psnr_last", "psnr_mean", "ssim_mean"):
+        assert two[key] == pytest.approx(one[key], rel=1e-4), key
