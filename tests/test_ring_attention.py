@@ -193,7 +193,7 @@ def test_ring_and_hybrid_at_tp2_cp4_on_eight_ranks(references):
 
 
 def ring_op_worker(num_tokens: int, block: int, dtype=torch.float32):
-    from megawan.layers.ring_attention import ring_attention
+    from megawan.layers.ring_attention import register_ring_group, ring_attention
 
     dist.init_process_group("gloo", init_method="env://")
     r, me = dist.get_world_size(), dist.get_rank()
@@ -205,7 +205,7 @@ def ring_op_worker(num_tokens: int, block: int, dtype=torch.float32):
     (ref * dout).sum().backward()
     mine = slice(me * block, (me + 1) * block)
     local = [t[mine].clone().requires_grad_(True) for t in (q, k, v)]
-    out = ring_attention(*local, dist.group.WORLD, num_tokens)
+    out = ring_attention(*local, register_ring_group(dist.group.WORLD), num_tokens)
     (out * dout[mine]).sum().backward()
     errs = [rel_err(out, ref[mine])] + [rel_err(a.grad, b.grad[mine]) if b.grad[mine].norm() > 0
                                         else a.grad.abs().max().item() for a, b in zip(local, full)]
@@ -448,3 +448,40 @@ def test_evaluate_cli_takes_cp_impl(tmp_path):
     assert two["settings"]["layout"]["cp_impl"] == "ring" and two["settings"]["layout"]["cp"] == 2
     for key in ("psnr_last", "psnr_mean", "ssim_mean"):
         assert two[key] == pytest.approx(one[key], rel=1e-4), key
+
+
+def compiled_vs_eager_worker(recompute):
+    """Compiled blocks (one graph per block, CPU inductor) vs eager at ring CP 2: errors and graph breaks."""
+    import torch._dynamo
+
+    from tests._speed_workers import _run as run_case
+    from tests.dit_fixtures import make_case
+
+    groups = parallel_state.initialize(1, 2, cp_impl="ring")
+    case = make_case(3, 6, 6, per_token=True)  # 27 tokens: padded
+    weight = torch.randn(case[0].shape, generator=torch.Generator().manual_seed(5))
+    results = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = WanDiT(TINY, groups, DiTRuntime(**RT, compile_blocks=compiled, activation_checkpointing=True,
+                                                recompute_granularity=recompute)).train()
+        torch._dynamo.utils.counters.clear()
+        run_case(model, case, weight)  # compiles; then the measured run
+        model.zero_grad(set_to_none=True)
+        results[compiled] = run_case(model, case, weight)
+    breaks = {reason.split("\n")[0]: n for reason, n in torch._dynamo.utils.counters["graph_break"].items()}
+    (out_e, xg_e, g_e), (out_c, xg_c, g_c) = results[False], results[True]
+    errs = {"out": rel_err(out_c, out_e), "x.grad": rel_err(xg_c, xg_e)}
+    errs.update({n: rel_err(g_c[n], g) for n, g in g_e.items()})
+    return errs, breaks, torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def test_compiled_blocks_with_ring_attention_are_one_graph():
+    """The ring ops are custom ops, opaque to dynamo: a compiled block at ring CP 2 ("selective", which keeps
+    the ring op's output) is one graph with no graph break and equals eager (bounds of tests/test_dit_speed.py:
+    outputs 1e-5, gradients 5e-5, inductor reorders reductions)."""
+    for errs, breaks, graphs in run_distributed(compiled_vs_eager_worker, 2, "selective", timeout_s=1800):
+        assert breaks == {} and graphs == 1, (breaks, graphs)
+        assert errs["out"] <= 1e-5 and errs["x.grad"] <= 1e-5, errs
+        worst = max(errs, key=errs.get)
+        assert errs[worst] <= 5e-5, (worst, errs[worst])

@@ -8,7 +8,7 @@ from torch import nn
 from megawan.layers.backend import DiTBackend
 from megawan.layers.comm import ulysses_heads_to_seq, ulysses_seq_to_heads
 from megawan.layers.norms import HeadsRMSNorm
-from megawan.layers.ring_attention import ring_attention
+from megawan.layers.ring_attention import register_ring_group, ring_attention
 
 
 class _Attention(nn.Module):
@@ -45,8 +45,8 @@ class SelfAttention(_Attention):
         super().__init__(dim, num_heads, eps, backend)
         self.qkv = backend.column_parallel(dim, 3 * dim, stride=3)
         cp = backend.context_parallel
-        self.ulysses_group, self.ring_group = cp.ulysses_group, cp.ring_group
-        self.ring = cp.ring
+        self.ulysses_group, self.ring = cp.ulysses_group, cp.ring
+        self.ring_group_name = register_ring_group(cp.ring_group) if cp.ring > 1 else None
         self.kernel = backend.attention_kernel(self.local_heads // cp.ulysses, self.head_dim)
 
     def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], num_tokens: int):
@@ -56,7 +56,7 @@ class SelfAttention(_Attention):
         v = self._heads(v)
         q, k, v = (ulysses_heads_to_seq(t, self.ulysses_group) for t in (q, k, v))
         if self.ring > 1:  # padding keys (the end of the global sequence) are dropped block by block
-            out = ring_attention(q, k, v, self.ring_group, num_tokens)
+            out = ring_attention(q, k, v, self.ring_group_name, num_tokens)
         else:  # padding sits at the end of the global sequence: dropping those keys masks them exactly
             out = self.kernel(q, k[:num_tokens], v[:num_tokens])
         return self._out(ulysses_seq_to_heads(out, self.ulysses_group))

@@ -42,8 +42,7 @@ from megawan.utils import group_size
 
 _KV_TAG, _DKV_TAG = 71, 72  # gloo matches point-to-point messages by tag: keep the two streams apart
 
-# Process groups by name: custom ops take strings, not ProcessGroup objects. ``ring_attention`` records
-# its group here before calling the op (also while torch.compile traces it).
+# Process groups by name: custom ops take strings, not ProcessGroup objects (``register_ring_group``).
 _GROUPS: dict[str, dist.ProcessGroup] = {}
 
 
@@ -150,7 +149,7 @@ def _ring_forward(q, k, v, group, num_tokens: int) -> tuple[torch.Tensor, torch.
             _wait(works)
             kv = incoming
     # block 0 holds real keys whenever num_tokens > 0, so every rank merged at least one block
-    return out.to(q.dtype).permute(2, 0, 1, 3).contiguous(), lse
+    return out.to(q.dtype).permute(2, 0, 1, 3).contiguous(), lse.contiguous()  # contiguous, as the fake says
 
 
 def _ring_backward(dout, q, k, v, out, lse, group, num_tokens: int):
@@ -210,7 +209,7 @@ def _ring_attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Te
 
 @_ring_attention_backward_op.register_fake
 def _(dout, q, k, v, out, lse, group_name, num_tokens):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous
 
 
 def _setup_context(ctx, inputs, output):
@@ -233,14 +232,21 @@ _ring_attention_op.register_autograd(_backward, setup_context=_setup_context)
 RING_ATTENTION_OPS = (torch.ops.megawan.ring_attention.default,)
 
 
-def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, num_tokens: int) -> torch.Tensor:
-    """Attention of this rank's queries to the whole sequence held in blocks over the ring ``group``.
+def register_ring_group(group) -> str:
+    """Record ``group`` for the ring custom ops (which take its name) and return the name. Done when a
+    layer is built, so a compiled forward passes a plain string."""
+    if group_size(group) < 2:
+        raise ValueError("ring attention needs a ring of at least 2 ranks (one rank: call the kernel)")
+    _GROUPS[group.group_name] = group  # a re-initialised layout may reuse a destroyed group's name
+    return group.group_name
+
+
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: str, num_tokens: int) -> torch.Tensor:
+    """Attention of this rank's queries to the whole sequence held in blocks over the ring ``group_name``
+    (``register_ring_group``).
 
     q, k, v: [s, b, h, d], block ``dist.get_rank(group)`` of the sequence (every rank the same s);
     ``num_tokens``: real tokens of the whole sequence (the rest, at its end, is padding). Returns
     [s, b, h, d].
     """
-    if group_size(group) < 2:
-        raise ValueError("ring_attention needs a ring of at least 2 ranks (one rank: call the kernel)")
-    _GROUPS.setdefault(group.group_name, group)
-    return _ring_attention_op(q, k, v, group.group_name, num_tokens)[0]
+    return _ring_attention_op(q, k, v, group_name, num_tokens)[0]
