@@ -12,21 +12,25 @@ blocks (token scatter, text-context entry, head gather) cancel. Phases:
 Bytes per rank ("wire"): bytes this rank sends with a bandwidth-optimal algorithm: all-gather (n-1) x
 its input, reduce-scatter (n-1) x its output, all-reduce 2 (n-1)/n x the tensor, all-to-all (n-1)/n x the
 input. "buffer" is the full tensor the collective works on (gathered output, reduce-scatter input,
-all-reduce tensor, all-to-all input). The analytic minimum (Megatron TP + SP, Ulysses CP, see the
-DiT dataflow reference) uses the same wire definition; for one block and one forward with
+all-reduce tensor, all-to-all input). The analytic minimum (Megatron TP + SP, Ulysses / ring / hybrid CP, see the
+DiT dataflow reference and docs/dit.md) uses the same wire definition; for one block and one forward with
 Lc = padded tokens / cp, B = batch, D = dim, s = bytes of the compute dtype, Lt = 512 text tokens:
 
 * SP on: 3 all-gathers + 3 reduce-scatters of Lc x B x D, each (t-1)/t x Lc B D s on the wire;
   SP off: 3 all-reduces of Lc x B x D;
 * q/k norms: all-reduces of the fp32 sums of squares [Lc, B, 1] (self q, self k, cross q), [Lt, B, 1]
   (cross k): 2 (t-1)/t x 4 B (3 Lc + Lt) bytes, independent of D;
-* Ulysses: 4 all-to-alls (q, k, v, out) of Lc x B x D/t, each (c-1)/c x Lc B D/t s;
+* context parallelism of u x r ranks (``cp_impl``: Ulysses u = c, ring u = 1, hybrid u = ulysses_size):
+  Ulysses part, 4 all-to-alls (q, k, v, out) of Lc x B x D/t, each (u-1)/u x Lc B D/t s; ring part, a
+  batch_isend_irecv per ring step sending one key/value block (2 Lc B D/t s): r-1 in forward, and in
+  backward r-1 again plus r fp32 key/value-gradient blocks (2 Lc B D/t x 4 bytes);
 * backward: the same collectives with all-gather and reduce-scatter swapped, plus, under SP, the
   Megatron re-gather: each of the 3 column-parallel entries (fused q/k/v, cross-attention q, fc1)
   keeps only its local token shard for backward and all-gathers it again there (3 more all-gathers
   of Lc x B x D: memory traded for bytes, as Megatron does).
 
-    python bench/bench_dit_comm.py                    # TP2xCP2 (SP), TP4 (SP), TP4 (no SP); dim 3072
+    python bench/bench_dit_comm.py   # TP2xCP2 (SP), TP4 (SP / no SP), CP4 Ulysses / ring, TP2xCP2 ring,
+                                     # CP4 hybrid 2x2; dim 3072; analytic table at 27,280 and 220,000 tokens
     python bench/bench_dit_comm.py --layouts 1x4 2x2:nosp --qk-scan ''   # pure Ulysses, TP2xCP2 without SP
 """
 
