@@ -9,13 +9,15 @@
   ("selective" keeps the ring op's output, "full" reruns it).
 * Bytes per block per rank, counted from the collective calls, equal the analytic figures for Ulysses,
   ring and hybrid (bench/bench_dit_comm.py).
-* Sampling at ring CP equals the single process; generate's --cp-impl reaches the model.
-* Layout rules are refused before any process group, naming the rule.
+* Sampling at ring and hybrid CP4 equals the single process; generate / evaluate --cp-impl ring on 2 ranks
+  reproduce the single process.
+* A compiled block at ring CP2 is one graph (the ring ops are custom ops) and equals eager.
+* Layout rules are refused before any process group, naming the rule; the hybrid rank order; the memory
+  estimate's ring buffers.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -372,8 +374,8 @@ def test_sampling_at_ring_and_hybrid_cp_equals_single_process(release):
 
     g = torch.Generator().manual_seed(3)
     null = torch.randn(2, TINY.text_dim, generator=g)
-    requests = [Request(text=torch.randn(4, TINY.text_dim, generator=g), image=torch.rand(3, 64, 96, generator=g) * 2 - 1,
-                        frames=9, seed=3)]
+    requests = [Request(text=torch.randn(4, TINY.text_dim, generator=g),
+                        image=torch.rand(3, 64, 96, generator=g) * 2 - 1, frames=9, seed=3)]
     single = sample_worker(release, requests, 1, 1, "ulysses", None, null)
     for cp_impl, u in (("ring", None), ("hybrid", 2)):
         for rank, out in enumerate(run_distributed(sample_worker, 4, release, requests, 1, 4, cp_impl, u, null)):

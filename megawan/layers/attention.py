@@ -34,7 +34,7 @@ class SelfAttention(_Attention):
 
     q, k, v are one fused column-parallel layer (one gather of x under SP; this rank's rows are
     [q_r; k_r; v_r]). TP region: [s_cp, b, dim/tp] per rank (s_cp = this CP rank's tokens). Context
-    parallelism (``backend.cp``, a ``ContextParallelGroups``) of u x r ranks: Ulysses trades the split
+    parallelism (``backend.context_parallel``, a ``ContextParallelGroups``) of u x r ranks: Ulysses trades the split
     of the tokens over u ranks for a head split (all-to-all), so the u ranks together hold u
     consecutive CP chunks for heads/(tp*u) heads each; ring attention then spans the r such groups
     (megawan/layers/ring_attention.py). u = cp is pure Ulysses (the kernel sees the whole sequence),

@@ -337,7 +337,8 @@ class Trainer:
         log = MetricsLogger(self.out_dir / "logs", enabled=self.rank == 0, total_steps=cfg.run.steps,
                             start_step=self.step, every=cfg.logging.every, tensorboard=cfg.logging.tensorboard,
                             progress_bar=cfg.logging.progress_bar)
-        log.message(f"megawan train: tp={self.groups.tp} cp={self.groups.cp} ({cfg.parallel.cp_impl}) dp={self.groups.dp} "
+        log.message(f"megawan train: tp={self.groups.tp} cp={self.groups.cp} ({cfg.parallel.cp_impl}) "
+                    f"dp={self.groups.dp} "
                     f"(sequence parallel {self.model.sequence_parallel}), {self.tokens} tokens/sample, "
                     f"dtype {cfg.model.dtype}, residual stream {cfg.model.residual_dtype}, fp8 {cfg.model.fp8}, "
                     f"compiled blocks {self.model.backend.compile_blocks}, steps {self.step} -> {cfg.run.steps}"
