@@ -9,10 +9,12 @@ Two byte figures per call, both per rank, n = the group's size:
 
 * ``wire``: bytes this rank sends with a bandwidth-optimal algorithm (ring / pairwise exchange):
   all-gather (n-1) x its input; reduce-scatter (n-1) x its output; all-reduce 2 (n-1)/n x the tensor;
-  all-to-all the input minus the chunk it keeps, (n-1)/n x the input for even splits. The analytic
-  figures in the bench use the same definition.
+  all-to-all the input minus the chunk it keeps, (n-1)/n x the input for even splits; a batch of
+  point-to-point ops (ring attention) the tensors it sends. The analytic figures in the bench use the
+  same definition.
 * ``buffer``: the size of the full tensor the collective works on: the gathered output of an
-  all-gather, the input of a reduce-scatter / all-to-all, the tensor of an all-reduce.
+  all-gather, the input of a reduce-scatter / all-to-all, the tensor of an all-reduce; for a batch of
+  point-to-point ops, the tensors sent and received.
 """
 
 from __future__ import annotations
@@ -120,7 +122,13 @@ class CollectiveCounter:
             me = dist.get_rank(group)
             buffer = sum(_nbytes(t) for t in ins)
             wire = buffer - _nbytes(ins[me])
-        else:  # point-to-point and rooted collectives: not expected in the DiT; count the tensor once
+        elif kind == "batch_isend_irecv":  # ring attention: wire = what this rank sends, buffer = sent + received
+            ops = _arg(args, kwargs, 0, "p2p_op_list")
+            label, n = self._group(ops[0].group)
+            sends = [op for op in ops if getattr(op.op, "__wrapped__", op.op).__name__ == "isend"]
+            wire = sum(_nbytes(op.tensor) for op in sends)
+            buffer = sum(_nbytes(op.tensor) for op in ops)
+        else:  # other point-to-point and rooted collectives: not expected in the DiT; count the tensor once
             t = args[0] if args else next(iter(kwargs.values()))
             label, n = self._group(group)
             tensors = t if isinstance(t, (list, tuple)) else [t]

@@ -12,21 +12,25 @@ blocks (token scatter, text-context entry, head gather) cancel. Phases:
 Bytes per rank ("wire"): bytes this rank sends with a bandwidth-optimal algorithm: all-gather (n-1) x
 its input, reduce-scatter (n-1) x its output, all-reduce 2 (n-1)/n x the tensor, all-to-all (n-1)/n x the
 input. "buffer" is the full tensor the collective works on (gathered output, reduce-scatter input,
-all-reduce tensor, all-to-all input). The analytic minimum (Megatron TP + SP, Ulysses CP, see the
-DiT dataflow reference) uses the same wire definition; for one block and one forward with
+all-reduce tensor, all-to-all input). The analytic minimum (Megatron TP + SP, Ulysses / ring / hybrid CP, see the
+DiT dataflow reference and docs/dit.md) uses the same wire definition; for one block and one forward with
 Lc = padded tokens / cp, B = batch, D = dim, s = bytes of the compute dtype, Lt = 512 text tokens:
 
 * SP on: 3 all-gathers + 3 reduce-scatters of Lc x B x D, each (t-1)/t x Lc B D s on the wire;
   SP off: 3 all-reduces of Lc x B x D;
 * q/k norms: all-reduces of the fp32 sums of squares [Lc, B, 1] (self q, self k, cross q), [Lt, B, 1]
   (cross k): 2 (t-1)/t x 4 B (3 Lc + Lt) bytes, independent of D;
-* Ulysses: 4 all-to-alls (q, k, v, out) of Lc x B x D/t, each (c-1)/c x Lc B D/t s;
+* context parallelism of u x r ranks (``cp_impl``: Ulysses u = c, ring u = 1, hybrid u = ulysses_size):
+  Ulysses part, 4 all-to-alls (q, k, v, out) of Lc x B x D/t, each (u-1)/u x Lc B D/t s; ring part, a
+  batch_isend_irecv per ring step sending one key/value block (2 Lc B D/t s): r-1 in forward, and in
+  backward r-1 again plus r fp32 key/value-gradient blocks (2 Lc B D/t x 4 bytes);
 * backward: the same collectives with all-gather and reduce-scatter swapped, plus, under SP, the
   Megatron re-gather: each of the 3 column-parallel entries (fused q/k/v, cross-attention q, fc1)
   keeps only its local token shard for backward and all-gathers it again there (3 more all-gathers
   of Lc x B x D: memory traded for bytes, as Megatron does).
 
-    python bench/bench_dit_comm.py                    # TP2xCP2 (SP), TP4 (SP), TP4 (no SP); dim 3072
+    python bench/bench_dit_comm.py   # TP2xCP2 (SP), TP4 (SP / no SP), CP4 Ulysses / ring, TP2xCP2 ring,
+                                     # CP4 hybrid 2x2; dim 3072; analytic table at 27,280 and 220,000 tokens
     python bench/bench_dit_comm.py --layouts 1x4 2x2:nosp --qk-scan ''   # pure Ulysses, TP2xCP2 without SP
 """
 
@@ -51,18 +55,34 @@ from megawan.testing import run_distributed  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 PHASES = ("fwd", "bwd", "grad-sync")
-TYPE_ORDER = ("all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce", "all_to_all_single")
+TYPE_ORDER = ("all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce", "all_to_all_single",
+              "batch_isend_irecv")
 
 
-def _parse_layout(text: str) -> tuple[int, int, bool]:
-    """'2x2' / '4x1:nosp' -> (tp, cp, sequence_parallel)."""
-    shape, _, flag = text.partition(":")
+def _parse_layout(text: str) -> tuple[int, int, bool, str, int | None]:
+    """'2x2' / '4x1:nosp' / '1x4:ring' / '2x4:hybrid2' (Ulysses groups of 2) / '2x2:nosp:ring' ->
+    (tp, cp, sequence_parallel, cp_impl, ulysses_size)."""
+    shape, *flags = text.split(":")
     tp, cp = (int(v) for v in shape.split("x"))
-    return tp, cp, flag != "nosp"
+    impl, ulysses_size = "ulysses", None
+    for flag in flags:
+        if flag == "ring":
+            impl = "ring"
+        elif flag.startswith("hybrid"):
+            impl, ulysses_size = "hybrid", int(flag[len("hybrid"):])
+        elif flag != "nosp":
+            raise ValueError(f"unknown layout flag {flag!r} in {text!r} (nosp, ring, hybridU)")
+    return tp, cp, "nosp" not in flags, impl, ulysses_size
 
 
-def _layout_name(tp, cp, sp) -> str:
-    return f"TP{tp}xCP{cp}" + ("" if tp == 1 else (" SP" if sp else " noSP"))
+def _layout_name(tp, cp, sp, impl="ulysses", ulysses_size=None) -> str:
+    cp_part = "" if cp == 1 else {"ulysses": " Ulysses", "ring": " ring",
+                                  "hybrid": f" hybrid {ulysses_size}x{cp // (ulysses_size or 1)}"}[impl]
+    return f"TP{tp}xCP{cp}" + ("" if tp == 1 else (" SP" if sp else " noSP")) + cp_part
+
+
+def _layout(case: dict) -> tuple:
+    return case["tp"], case["cp"], case["sp"], case.get("cp_impl", "ulysses"), case.get("ulysses_size")
 
 
 def _count_case(groups, case: dict, num_layers: int) -> dict:
@@ -71,7 +91,9 @@ def _count_case(groups, case: dict, num_layers: int) -> dict:
     # Byte counts do not depend on values: skip megatron's (slow, CPU) init and fill every parameter
     # with a small constant instead.
     model = WanDiT(cfg, groups, DiTRuntime(dtype=DTYPES[case["dtype"]], sequence_parallel=case["sp"],
-                                           linear_impl="local", attention_backend="torch", init_weights=False))
+                                           linear_impl="local", attention_backend="torch", init_weights=False,
+                                           cp_impl=case.get("cp_impl", "ulysses"),
+                                           ulysses_size=case.get("ulysses_size")))
     with torch.no_grad():
         for param in model.parameters():
             param.fill_(0.01)
@@ -84,6 +106,9 @@ def _count_case(groups, case: dict, num_layers: int) -> dict:
     timestep[:, : h * w] = 0.0  # TI2V: latent frame 0 clean
     text = torch.randn(b, 16, cfg.text_dim, generator=g)
     labels = {"tp": groups.tp_group, "cp": groups.cp_group}
+    cpg = model.backend.context_parallel
+    if cpg.ulysses > 1 and cpg.ring > 1:  # hybrid: its two sub-groups of the CP group
+        labels.update(ulysses=cpg.ulysses_group, ring=cpg.ring_group)
     with CollectiveCounter(labels) as counter:
         counter.phase = "fwd"
         out = model(latents, timestep, text)
@@ -100,7 +125,8 @@ def rank_main(cases: list[dict]) -> list[dict]:
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\..* is deprecated", category=FutureWarning)
     results = []
     for case in cases:
-        groups = parallel_state.initialize(case["tp"], case["cp"])
+        groups = parallel_state.initialize(case["tp"], case["cp"], cp_impl=case.get("cp_impl", "ulysses"),
+                                           ulysses_size=case.get("ulysses_size"))
         t0 = time.perf_counter()
         one = _count_case(groups, case, 1)
         two = _count_case(groups, case, 2)
@@ -126,9 +152,20 @@ def block_difference(one: dict, two: dict) -> dict:
     return out
 
 
-def analytic(tp, cp, sp, padded_tokens, batch, dim, elem, text_len=512) -> dict:
-    """{phase: {key: (calls, wire bytes)}} of one block (fwd and bwd) under Megatron TP(+SP) and Ulysses."""
+def analytic(tp, cp, sp, padded_tokens, batch, dim, elem, text_len=512, cp_impl="ulysses",
+             ulysses_size=None) -> dict:
+    """{phase: {key: (calls, wire bytes)}} of one block (fwd and bwd) under Megatron TP(+SP) and context
+    parallelism of u x r ranks (Ulysses u = cp, ring u = 1, hybrid u = ulysses_size):
+
+    * Ulysses part (u > 1): 4 all-to-alls (q, k, v, out) of Lc x B x D/t, each (u-1)/u on the wire, forward
+      and backward, over the CP group (pure Ulysses) or the Ulysses group (hybrid);
+    * ring part (r > 1): a key/value block is [u Lc, B, H/(t u), d] = 2 Lc B D/t elements for k and v;
+      forward sends r-1 of them (one batch_isend_irecv per step); backward sends them again (r-1) and
+      r fp32 key/value gradient blocks of the same shape, over the CP group (pure ring) or the ring group.
+    """
     lc = padded_tokens // cp
+    u = {"ulysses": cp, "ring": 1, "hybrid": ulysses_size}[cp_impl]
+    r = cp // u
     act = lc * batch * dim * elem
     fwd = {}
     if tp > 1:
@@ -138,9 +175,15 @@ def analytic(tp, cp, sp, padded_tokens, batch, dim, elem, text_len=512) -> dict:
         else:
             fwd[("all_reduce", "tp", "")] = (3, 3 * 2 * act * (tp - 1) / tp)
         fwd[("all_reduce", "tp", "qk-norm sum-sq")] = (4, 2 * (tp - 1) / tp * 4 * batch * (3 * lc + text_len))
-    if cp > 1:
-        fwd[("all_to_all_single", "cp", "")] = (4, 4 * act / tp * (cp - 1) / cp)
+    hybrid = u > 1 and r > 1
+    if u > 1:
+        fwd[("all_to_all_single", "ulysses" if hybrid else "cp", "")] = (4, 4 * act / tp * (u - 1) / u)
     bwd = dict(fwd)
+    if r > 1:
+        kv = 2 * act / tp  # k and v of one ring block, compute dtype
+        ring = "ring" if hybrid else "cp"
+        fwd[("batch_isend_irecv", ring, "")] = (r - 1, (r - 1) * kv)
+        bwd[("batch_isend_irecv", ring, "")] = (2 * r - 1, (r - 1) * kv + r * kv / elem * 4)
     if tp > 1 and sp:  # the column layers re-gather their saved local input shard
         bwd[("all_gather_into_tensor", "tp", "")] = (6, 6 * act * (tp - 1) / tp)
     return {"fwd": fwd, "bwd": bwd}
@@ -159,20 +202,47 @@ def format_table(rows, header) -> str:
     return _format_table(rows, header, left_columns=4)
 
 
-def report(cases, results, scale_tokens: int) -> str:
+def scale_table(layouts, token_counts, dim: int = 3072, elem: int = 2) -> str:
+    """The analytic bytes of one block (batch 1, bf16, the 5B's width) per layout and token count, split into
+    the TP collectives (all-gathers, reduce-scatters, q/k-norm all-reduces), the Ulysses all-to-alls and
+    the ring's point-to-point sends: where each runs (inside a node or across nodes) decides which wins."""
+    rows, seen = [], set()
+    for tokens in token_counts:
+        for layout in layouts:
+            if (tokens, layout) in seen:
+                continue
+            seen.add((tokens, layout))
+            tp, cp, sp, impl, u = layout
+            unit = tp * cp if sp else cp
+            padded = -(-tokens // unit) * unit
+            ana = analytic(tp, cp, sp, padded, 1, dim, elem, cp_impl=impl, ulysses_size=u)
+            both = [(k, v) for phase in ("fwd", "bwd") for k, v in ana[phase].items()]
+            part = {kind: sum(v[1] for k, v in both if k[0] == kind) / 2**20
+                    for kind in ("all_to_all_single", "batch_isend_irecv")}
+            total = sum(v[1] for _, v in both) / 2**20
+            fwd = sum(v[1] for v in ana["fwd"].values()) / 2**20
+            rows.append([f"{tokens:,}", _layout_name(*layout), f"{fwd:,.1f}", f"{total:,.1f}",
+                         f"{total - part['all_to_all_single'] - part['batch_isend_irecv']:,.1f}",
+                         f"{part['all_to_all_single']:,.1f}", f"{part['batch_isend_irecv']:,.1f}"])
+    return ("Analytic bytes for one block, batch 1, bf16, dim 3072 (the 5B), MiB per rank:\n"
+            + format_table(rows, ["tokens", "layout", "fwd", "fwd+bwd", "of which TP", "of which all-to-all",
+                                  "of which ring P2P"]))
+
+
+def report(cases, results, scale_tokens: list[int], scale_layouts: list | None = None) -> str:
     out = []
     header = ["case", "phase", "collective", "group", "calls", "wire B/rank", "analytic", "meas/anal",
               "buffer B"]
     rows = []
     for i, (case, per_rank) in enumerate(zip(cases, results)):
-        tp, cp, sp = case["tp"], case["cp"], case["sp"]
+        tp, cp, sp, impl, u = _layout(case)
         diffs = [block_difference(r["one"], r["two"]) for r in per_rank]
         same = all(d == diffs[0] for d in diffs)
         diff = diffs[0]
         padded = per_rank[0]["one"]["padded_tokens"]
         elem = torch.empty(0, dtype=DTYPES[case["dtype"]]).element_size()
-        ana = analytic(tp, cp, sp, padded, case["batch"], case["dim"], elem)
-        name = f"{i + 1}: {_layout_name(tp, cp, sp)}"
+        ana = analytic(tp, cp, sp, padded, case["batch"], case["dim"], elem, cp_impl=impl, ulysses_size=u)
+        name = f"{i + 1}: {_layout_name(*_layout(case))}"
         case["label"] = (f"{name}: dim {case['dim']}, ffn {case['ffn_dim']}, {case['heads']} heads, grid "
                          f"{'x'.join(map(str, case['grid']))} = {padded} tokens, batch {case['batch']}, "
                          f"{case['dtype']}; identical on all {tp * cp} ranks: {same}; "
@@ -202,7 +272,7 @@ def report(cases, results, scale_tokens: int) -> str:
             for key in sorted(one.get(phase, {}), key=_sort_key):
                 calls, buffer, wire = (a - b for a, b in zip(one[phase][key], diff[phase].get(key, (0, 0, 0))))
                 if calls:
-                    outside_rows.append([f"{i + 1}: {_layout_name(case['tp'], case['cp'], case['sp'])}", phase,
+                    outside_rows.append([f"{i + 1}: {_layout_name(*_layout(case))}", phase,
                                          key[0] + (f" ({key[2]})" if key[2] else ""), key[1], str(calls),
                                          _fmt_bytes(wire), _fmt_bytes(buffer)])
     qk_rows = []
@@ -212,7 +282,7 @@ def report(cases, results, scale_tokens: int) -> str:
         qk = sum(v[2] for k, v in fwd.items() if k[2])
         act = sum(v[2] for k, v in fwd.items() if k[0] in TYPE_ORDER[:2] or (k[0] == "all_reduce" and not k[2]))
         if qk:
-            qk_rows.append([f"{i + 1}: {_layout_name(case['tp'], case['cp'], case['sp'])}",
+            qk_rows.append([f"{i + 1}: {_layout_name(*_layout(case))}",
                             str(case["dim"]), str(lc),
                             _fmt_bytes(qk), f"{qk / (3 * lc + 512):.2f}", _fmt_bytes(act),
                             f"{act / (lc * case['dim']):.2f}"])
@@ -235,30 +305,16 @@ def report(cases, results, scale_tokens: int) -> str:
                                           "B / (Lc*dim)"]))
     if scale_tokens:
         out.append("")
-        out.append(f"Analytic minimum for one block at {scale_tokens:,} tokens (same formulas, batch 1, bf16), "
-                   "MiB per rank:")
-        seen, srows = set(), []
-        for case in cases:
-            key = (case["tp"], case["cp"], case["sp"])
-            if key in seen:
-                continue
-            seen.add(key)
-            unit = case["tp"] * case["cp"]
-            padded = -(-scale_tokens // unit) * unit
-            ana = analytic(*key, padded, 1, 3072, 2)
-            fwd = sum(v[1] for v in ana["fwd"].values())
-            bwd = sum(v[1] for v in ana["bwd"].values())
-            qk = sum(v[1] for k, v in ana["fwd"].items() if k[2])
-            srows.append([_layout_name(*key), f"{fwd / 2**20:,.2f}", f"{(fwd + bwd) / 2**20:,.2f}",
-                          f"{qk / 2**20:.4f}"])
-        out.append(format_table(srows, ["layout", "fwd MiB", "fwd+bwd MiB", "of which q/k-norm (fwd) MiB"]))
+        out.append(scale_table(scale_layouts or [_layout(c) for c in cases], scale_tokens))
     return "\n".join(out)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--layouts", nargs="+", default=["2x2", "4x1", "4x1:nosp"],
-                   help="TPxCP[:nosp] layouts (world size = TP*CP ranks each)")
+    p.add_argument("--layouts", nargs="+", default=["2x2", "4x1", "4x1:nosp", "1x4", "1x4:ring", "2x2:ring",
+                                                    "1x4:hybrid2"],
+                   help="TPxCP[:nosp][:ring|:hybridU] layouts (world size = TP*CP ranks each); CP is Ulysses "
+                        "unless :ring or :hybridU (Ulysses groups of U, ring across them)")
     p.add_argument("--dim", type=int, default=3072)
     p.add_argument("--ffn-dim", type=int, default=14336)
     p.add_argument("--heads", type=int, default=24)
@@ -267,17 +323,22 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--qk-scan", default="2x2", help="layout for the q/k-norm scaling scan ('' to skip): "
                    "the same layout at half the width and at twice the tokens")
-    p.add_argument("--scale-tokens", type=int, default=27280, help="tokens for the analytic summary (0: skip)")
+    p.add_argument("--scale-tokens", type=int, nargs="*", default=[27280, 220000],
+                   help="token counts for the analytic summary (none: skip)")
+    p.add_argument("--scale-layouts", nargs="*", default=["2x4", "2x4:ring", "2x4:hybrid2", "2x12", "2x16:ring",
+                                                          "2x16:hybrid4", "2x32:ring", "2x32:hybrid4"],
+                   help="layouts of the analytic summary (default: 8 and 24-64 GPUs at TP2)")
     args = p.parse_args(argv)
 
     grid = tuple(int(v) for v in args.grid.split("x"))
     base = {"dim": args.dim, "ffn_dim": args.ffn_dim, "heads": args.heads, "grid": grid, "batch": args.batch,
             "dtype": args.dtype}
-    cases = [dict(base, tp=tp, cp=cp, sp=sp) for tp, cp, sp in map(_parse_layout, args.layouts)]
+    keys = ("tp", "cp", "sp", "cp_impl", "ulysses_size")
+    cases = [dict(base, **dict(zip(keys, layout))) for layout in map(_parse_layout, args.layouts)]
     if args.qk_scan:
-        tp, cp, sp = _parse_layout(args.qk_scan)
-        cases.append(dict(base, tp=tp, cp=cp, sp=sp, dim=args.dim // 2, ffn_dim=args.ffn_dim // 2))
-        cases.append(dict(base, tp=tp, cp=cp, sp=sp, grid=(grid[0], grid[1], 2 * grid[2])))
+        layout = dict(zip(keys, _parse_layout(args.qk_scan)))
+        cases.append(dict(base, **layout, dim=args.dim // 2, ffn_dim=args.ffn_dim // 2))
+        cases.append(dict(base, **layout, grid=(grid[0], grid[1], 2 * grid[2])))
     by_world: dict[int, list[int]] = {}
     for i, c in enumerate(cases):
         by_world.setdefault(c["tp"] * c["cp"], []).append(i)
@@ -287,7 +348,7 @@ def main(argv=None) -> None:
         per_rank = run_distributed(rank_main, world, [cases[i] for i in idx], timeout_s=900)
         for j, i in enumerate(idx):
             results[i] = [r[j] for r in per_rank]
-    print(report(cases, results, args.scale_tokens))
+    print(report(cases, results, args.scale_tokens, [_parse_layout(t) for t in args.scale_layouts]))
     print(f"\ntotal wall time {time.perf_counter() - t0:.0f} s")
 
 

@@ -23,6 +23,7 @@ from megawan.data.world_model_1x import WorldModel1XConfig, WorldModel1XDataset
 from megawan.evaluation.rollouts import METRICS, evaluate_rollouts
 from megawan.models.dit import DiTRuntime, WanDiT
 from megawan.models.dit_config import WanDiTConfig
+from megawan.parallel_state.layout import CP_IMPLS
 from megawan.vae.model import WanVAE38
 from megawan.pipelines.release import locate, start_groups
 from megawan.pipelines.sampling import SamplingConfig
@@ -95,6 +96,10 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--cp", type=int, default=1)
+    p.add_argument("--cp-impl", default="ulysses", choices=list(CP_IMPLS),
+                   help="context parallelism of the self-attention: ulysses ((heads / tp) %% cp == 0), ring "
+                        "(any cp) or hybrid (Ulysses in groups of --ulysses-size CP ranks, ring across them)")
+    p.add_argument("--ulysses-size", type=int, help="hybrid only: the Ulysses group size (divides --cp)")
     p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     p.add_argument("--out", default="outputs/eval.json")
     args = p.parse_args(argv)
@@ -107,7 +112,7 @@ def main(argv=None) -> dict:
     text = load_text_embedding(args.text_embedding, config.text_dim) if args.text_embedding else None
     clips = HeldOutClips(args.data, args.num_clips, args.frames, size)
 
-    groups = start_groups(args.tp, args.cp, config.num_heads)
+    groups = start_groups(args.tp, args.cp, config.num_heads, args.cp_impl, args.ulysses_size)
     dev = groups.device
     model = WanDiT.from_pretrained(files.dit, dtype=DTYPES[args.dtype], groups=groups, state_dim=args.state_dim,
                                    runtime=DiTRuntime(linear_impl="local" if dev.type == "cpu" else "auto"))
@@ -118,7 +123,8 @@ def main(argv=None) -> dict:
     sheet = result.pop("contact_sheet")
     result["clips"] = clips.describe()
     result["settings"] = {**vars(args), "sampling": sampling.to_dict(),
-                          "layout": {"tp": groups.tp, "cp": groups.cp, "dp": groups.dp}}
+                          "layout": {"tp": groups.tp, "cp": groups.cp, "dp": groups.dp,
+                                     "cp_impl": groups.cp_impl, "ulysses_size": groups.ulysses_size}}
     if torch.distributed.get_rank() == 0:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
     python -m megawan.generate --ckpt Wan2.2-TI2V-5B --prompt "a robot picks up a cup" --image first.png \\
         --out out/cup.mp4                                                   # TI2V, release defaults
     bash launch/torchrun.sh 4 megawan.generate --tp 2 --cp 2 --ckpt ... --prompt ...   # one replica of 4 ranks
+    bash launch/torchrun.sh 16 megawan.generate --tp 2 --cp 8 --cp-impl hybrid --ulysses-size 4 ...  # CP beyond heads
     python -m megawan.generate --ckpt trained/ --vae Wan2.2_VAE.pth --no-text --data val_v2.0_raw --clip 3 \\
         --frames 77 --guidance 1 --out out/rollout.mp4                      # 1X world model: 17 frames + states
 
@@ -26,6 +27,7 @@ from megawan import parallel_state
 from megawan.data.transforms import frames_to_video
 from megawan.models.dit import DiTRuntime, WanDiT
 from megawan.models.dit_config import WanDiTConfig
+from megawan.parallel_state.layout import CP_IMPLS
 from megawan.vae.model import WanVAE38
 from megawan.pipelines.pipeline import Request, WanSampler, check_request
 from megawan.pipelines.release import locate, start_groups
@@ -115,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--fps", type=float, default=24.0)
     run.add_argument("--tp", type=int, default=1)
     run.add_argument("--cp", type=int, default=1)
+    run.add_argument("--cp-impl", default="ulysses", choices=list(CP_IMPLS),
+                     help="context parallelism of the self-attention: ulysses ((heads / tp) %% cp == 0), ring "
+                          "(any cp) or hybrid (Ulysses in groups of --ulysses-size CP ranks, ring across them)")
+    run.add_argument("--ulysses-size", type=int, help="hybrid only: the Ulysses group size (divides --cp)")
     run.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     return p
 
@@ -159,7 +165,7 @@ def main(argv=None) -> list[dict]:
         config = replace(config, state_dim=args.state_dim)
     requests = _requests(args, config)  # all input errors surface here, before any model is loaded
 
-    groups = start_groups(args.tp, args.cp, config.num_heads)
+    groups = start_groups(args.tp, args.cp, config.num_heads, args.cp_impl, args.ulysses_size)
     dev = groups.device
     mine = [r for i, r in enumerate(requests) if i % groups.dp == groups.dp_rank]
     null = None  # no text encoder: empty text on both branches, so nothing to guide

@@ -1,4 +1,4 @@
-"""Wan self- and cross-attention with tensor parallelism and Ulysses context parallelism."""
+"""Wan self- and cross-attention with tensor parallelism and context parallelism (Ulysses, ring, hybrid)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from torch import nn
 from megawan.layers.backend import DiTBackend
 from megawan.layers.comm import ulysses_heads_to_seq, ulysses_seq_to_heads
 from megawan.layers.norms import HeadsRMSNorm
+from megawan.layers.ring_attention import register_ring_group, ring_attention
 
 
 class _Attention(nn.Module):
@@ -32,26 +33,33 @@ class SelfAttention(_Attention):
     """x: residual-stream shard [s_local, b, dim] -> same shape.
 
     q, k, v are one fused column-parallel layer (one gather of x under SP; this rank's rows are
-    [q_r; k_r; v_r]). TP region: [s_cp, b, dim/tp] per rank (s_cp = this CP rank's tokens). Ulysses
-    trades the CP sequence split for a head split, so the kernel sees the whole sequence for
-    heads/(tp*cp) heads.
+    [q_r; k_r; v_r]). TP region: [s_cp, b, dim/tp] per rank (s_cp = this CP rank's tokens). Context
+    parallelism (``backend.context_parallel``, a ``ContextParallelGroups``) of u x r ranks: Ulysses trades the split
+    of the tokens over u ranks for a head split (all-to-all), so the u ranks together hold u
+    consecutive CP chunks for heads/(tp*u) heads each; ring attention then spans the r such groups
+    (megawan/layers/ring_attention.py). u = cp is pure Ulysses (the kernel sees the whole sequence),
+    u = 1 pure ring.
     """
 
     def __init__(self, dim: int, num_heads: int, eps: float, backend: DiTBackend):
         super().__init__(dim, num_heads, eps, backend)
         self.qkv = backend.column_parallel(dim, 3 * dim, stride=3)
-        self.cp_group = backend.cp_group
-        self.kernel = backend.attention_kernel(self.local_heads // backend.cp, self.head_dim)
+        cp = backend.context_parallel
+        self.ulysses_group, self.ring = cp.ulysses_group, cp.ring
+        self.ring_group_name = register_ring_group(cp.ring_group) if cp.ring > 1 else None
+        self.kernel = backend.attention_kernel(self.local_heads // cp.ulysses, self.head_dim)
 
     def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], num_tokens: int):
         q, k, v = self.qkv(x)[0].chunk(3, dim=-1)
         q = self.norm_q.forward_rope(q, *rope, self.local_heads)
         k = self.norm_k.forward_rope(k, *rope, self.local_heads)
         v = self._heads(v)
-        q, k, v = (ulysses_heads_to_seq(t, self.cp_group) for t in (q, k, v))
-        # Padding sits at the end of the global sequence: dropping those keys masks them exactly.
-        out = self.kernel(q, k[:num_tokens], v[:num_tokens])
-        return self._out(ulysses_seq_to_heads(out, self.cp_group))
+        q, k, v = (ulysses_heads_to_seq(t, self.ulysses_group) for t in (q, k, v))
+        if self.ring > 1:  # padding keys (the end of the global sequence) are dropped block by block
+            out = ring_attention(q, k, v, self.ring_group_name, num_tokens)
+        else:  # padding sits at the end of the global sequence: dropping those keys masks them exactly
+            out = self.kernel(q, k[:num_tokens], v[:num_tokens])
+        return self._out(ulysses_seq_to_heads(out, self.ulysses_group))
 
 
 class CrossAttention(_Attention):

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megawan.layers import fp8, linear
 from megawan.layers.attention_kernels import AttentionKernel, resolve_backend
+from megawan.parallel_state.groups import ContextParallelGroups
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,8 @@ class DiTBackend:
     backend use: None (runtime dtype: "off", or a block kept in high precision), a ``fp8.NativeFp8``
     (native modes) or TE's recipe (te-* modes, applied by ``fp8_autocast``).
     fp8_amax_group: the group TE reduces amaxes over (None: every rank).
+    context_parallel: how self-attention spans the CP group (Ulysses / ring / hybrid groups and sizes),
+    from ``ParallelGroups.context_parallel(runtime.cp_impl, runtime.ulysses_size)``.
     """
 
     mp_config: ModelParallelConfig
@@ -40,11 +43,17 @@ class DiTBackend:
     compile_blocks: bool = False
     fp8_recipe: object = None
     fp8_amax_group: object = None
+    context_parallel: ContextParallelGroups = ContextParallelGroups("ulysses", 1, 1)
 
     @classmethod
     def build(cls, groups, runtime) -> "DiTBackend":
         """From a ``ParallelGroups`` and a ``DiTRuntime``; fails early when a requested kernel is missing."""
         attention = resolve_backend(runtime.attention_backend, groups.device, runtime.dtype)
+        context_parallel = groups.context_parallel(runtime.cp_impl, runtime.ulysses_size)
+        if context_parallel.ring > 1 and attention in ("te", "flash"):
+            raise ValueError(f"attention_backend={attention!r} is not wired into ring attention (cp_impl "
+                             f"{context_parallel.impl!r} calls SDPA's log-sum-exp kernels): use 'auto', 'torch' "
+                             f"or 'cudnn' (cross-attention then uses it), or cp_impl 'ulysses'")
         impl = fp8.check_mode(runtime.fp8, runtime.linear_impl, runtime.attention_backend, runtime.fp8_attention)
         if impl == "auto" and groups.device.type != "cuda":
             impl = "local"  # "auto" means TE only where the ranks compute on a GPU (gloo ranks on a GPU machine do not)
@@ -69,7 +78,8 @@ class DiTBackend:
                    linear_impl=linear.resolve_linear_impl(impl), attention_backend=attention, fp8=runtime.fp8,
                    compile_blocks=compile_blocks, fp8_recipe=recipe,
                    fp8_amax_group=torch.distributed.group.WORLD
-                   if recipe is not None and torch.distributed.is_initialized() else None)
+                   if recipe is not None and torch.distributed.is_initialized() else None,
+                   context_parallel=context_parallel)
 
     def high_precision(self) -> "DiTBackend":
         """The same backend with FP8 off for the layers built from it (first / last blocks in bf16)."""

@@ -25,6 +25,7 @@ from megawan.layers.attention import CrossAttention, FeedForward, SelfAttention
 from megawan.layers.backend import DiTBackend
 from megawan.layers.embeddings import PatchEmbedding, StateEmbedding, WanHead, timestep_sinusoid
 from megawan.layers.norms import FP32LayerNorm
+from megawan.layers.ring_attention import RING_ATTENTION_OPS
 from megawan.layers.rope import rope_tables
 from megawan.layers.token_shards import TokenShards
 from megawan.models.dit_config import DiTRuntime, WanDiTConfig
@@ -34,11 +35,12 @@ __all__ = ["WanDiT", "WanBlock", "WanDiTConfig", "DiTRuntime"]
 
 
 # Ops whose outputs "selective" recomputation keeps: the attention cores (SDPA's kernels: cuDNN,
-# FlashAttention-2, memory-efficient, CPU flash). Everything else in the block is recomputed.
+# FlashAttention-2, memory-efficient, CPU flash; ring attention's forward, whose kernels run inside it).
+# Everything else in the block is recomputed.
 _ATTENTION_CORE_OPS = tuple(getattr(torch.ops.aten, name).default for name in (
     "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention",
     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu")
-    if hasattr(torch.ops.aten, name))
+    if hasattr(torch.ops.aten, name)) + RING_ATTENTION_OPS
 
 
 def _keep_attention_cores(ctx, op, *args, **kwargs):
@@ -140,7 +142,7 @@ class WanDiT(nn.Module):
         super().__init__()
         groups = groups or parallel_state.get_groups()
         rt = runtime or DiTRuntime()
-        groups.layout.validate(config.num_heads)
+        groups.layout_for(rt.cp_impl, rt.ulysses_size).validate(config.num_heads)
         self.config, self.groups, self.runtime = config, groups, rt
         # A plain object, built once: the linears and kernels it builds are submodules of the blocks.
         self.backend = DiTBackend.build(groups, rt)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from megawan import presets
+from megawan.parallel_state.layout import CP_IMPLS
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,11 @@ class DiTRuntime:
         Embeddings, modulation and head stay in high precision; master weights and checkpoints too.
     fp8_bf16_blocks: keep the first and the last N blocks' GEMMs in ``dtype`` (0: every block in FP8).
     fp8_attention: TE's FP8 dot-product attention (te-* modes with attention_backend "te" only).
+    cp_impl: how self-attention spans the context-parallel ranks: "ulysses" (all-to-all of heads;
+        (heads / tp) % cp == 0), "ring" (ring attention, any cp) or "hybrid" (Ulysses inside groups of
+        ``ulysses_size`` CP ranks, ring across them); None = what the ``ParallelGroups`` were built for
+        (``parallel_state.initialize(cp_impl=...)``). See megawan/parallel_state/layout.py.
+    ulysses_size: the Ulysses group size of "hybrid" (dividing cp); None otherwise.
     """
 
     dtype: torch.dtype = torch.float32
@@ -204,8 +210,15 @@ class DiTRuntime:
     fp8: str = "off"
     fp8_bf16_blocks: int = 0
     fp8_attention: bool = False
+    cp_impl: str | None = None
+    ulysses_size: int | None = None
 
     def __post_init__(self):
+        if self.cp_impl is not None and self.cp_impl not in CP_IMPLS:
+            raise ValueError(f"cp_impl must be one of {CP_IMPLS} or None, got {self.cp_impl!r}")
+        if self.ulysses_size is not None and self.cp_impl != "hybrid":
+            raise ValueError(f"ulysses_size={self.ulysses_size} applies to cp_impl 'hybrid' only, "
+                             f"got cp_impl={self.cp_impl!r}")
         if self.residual_dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"residual_dtype must be torch.float32 (the release's), torch.bfloat16 or "
                              f"torch.float16, got {self.residual_dtype}")

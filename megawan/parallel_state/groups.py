@@ -4,6 +4,15 @@
 before anything is computed, starts torch.distributed (NCCL on GPUs, gloo on CPU), builds the
 TP / CP / DP groups through megatron-core's ``parallel_state`` and returns a ``ParallelGroups``.
 ``get_groups()`` returns the one built by ``initialize`` for callers that do not pass one explicitly.
+
+Rank order (megatron's tp-cp-dp: TP varies fastest). With ``cp_impl="hybrid"`` and ``ulysses_size=u``
+the CP group (cp = u x r ranks, cp rank c) is split by megatron-core's hierarchical CP groups
+(``hierarchical_context_parallel_sizes=[u, r]``): the Ulysses group of c holds the u consecutive CP
+ranks (c // u) * u .. (c // u) * u + u - 1 (ulysses rank c % u), the ring group the r ranks c % u, c % u + u, ...
+(ring rank c // u). In global ranks a Ulysses group with its TP groups is tp * u consecutive ranks: on
+nodes of tp * u GPUs the all-to-alls stay inside a node (NVLink) and only the ring's point-to-point
+sends cross nodes. Ulysses group j holds the contiguous tokens of CP ranks j*u .. j*u + u - 1, so after
+its all-to-all it holds block j of the ring's sequence.
 """
 
 from __future__ import annotations
@@ -20,6 +29,19 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megawan.parallel_state import cpu_compat
 from megawan.parallel_state.launch import DEFAULT_TIMEOUT_S, launch_env, start_process_group
 from megawan.parallel_state.layout import LayoutError, ParallelLayout
+
+
+@dataclass(frozen=True)
+class ContextParallelGroups:
+    """How one rank's self-attention spans its CP group: an all-to-all over ``ulysses_group``
+    (``ulysses`` ranks), then ring attention over ``ring_group`` (``ring`` ranks). A group is None
+    where its size is 1. ulysses = cp, ring = 1: pure Ulysses; ulysses = 1, ring = cp: pure ring."""
+
+    impl: str
+    ulysses: int
+    ring: int
+    ulysses_group: object = None
+    ring_group: object = None
 
 
 @dataclass(frozen=True)
@@ -44,10 +66,41 @@ class ParallelGroups:
     cp_rank: int
     dp_rank: int
     device: torch.device
+    # How the CP group was built (``initialize(cp_impl=..., ulysses_size=...)``); hybrid_groups holds
+    # (Ulysses group, ring group) when it was built for hybrid with 1 < ulysses_size < cp.
+    cp_impl: str = "ulysses"
+    ulysses_size: int | None = None
+    hybrid_groups: tuple = ()
 
     @property
     def layout(self) -> ParallelLayout:
-        return ParallelLayout(world_size=self.tp * self.cp * self.dp, tp=self.tp, cp=self.cp)
+        return self.layout_for()
+
+    def layout_for(self, cp_impl: str | None = None, ulysses_size: int | None = None) -> ParallelLayout:
+        """This layout with context parallelism ``cp_impl`` (None: the one these groups were built for)."""
+        if cp_impl is None:
+            cp_impl, ulysses_size = self.cp_impl, self.ulysses_size
+        return ParallelLayout(world_size=self.tp * self.cp * self.dp, tp=self.tp, cp=self.cp, cp_impl=cp_impl,
+                              ulysses_size=ulysses_size)
+
+    def context_parallel(self, cp_impl: str | None = None, ulysses_size: int | None = None) -> ContextParallelGroups:
+        """The groups of ``cp_impl`` (None: the one these groups were built for) on this CP group.
+
+        "ulysses" and "ring" run on the CP group itself, so any groups serve them; "hybrid" with
+        1 < ulysses_size < cp needs the sub-groups ``initialize`` built for that ulysses_size.
+        """
+        layout = self.layout_for(cp_impl, ulysses_size).validate()
+        cp_impl, u, r = layout.cp_impl, layout.ulysses, layout.ring
+        cp_group = self.cp_group if self.cp > 1 else None
+        if r == 1:
+            return ContextParallelGroups(cp_impl, u, 1, ulysses_group=cp_group)
+        if u == 1:
+            return ContextParallelGroups(cp_impl, 1, r, ring_group=cp_group)
+        if (self.cp_impl, self.ulysses_size) != ("hybrid", u) or not self.hybrid_groups:
+            raise LayoutError(f"cp_impl 'hybrid' with ulysses_size={u} needs the process groups built for it: "
+                              f"parallel_state.initialize(tp, cp, cp_impl='hybrid', ulysses_size={u}) (these "
+                              f"were built for cp_impl={self.cp_impl!r}, ulysses_size={self.ulysses_size})")
+        return ContextParallelGroups(cp_impl, u, r, *self.hybrid_groups)
 
     @classmethod
     def single_rank(cls, device: torch.device) -> "ParallelGroups":
@@ -72,6 +125,8 @@ def initialize(
     tp: int = 1,
     cp: int = 1,
     *,
+    cp_impl: str = "ulysses",
+    ulysses_size: int | None = None,
     vae_shards: int | None = None,
     num_heads: int | None = None,
     backend: str | None = None,
@@ -82,6 +137,11 @@ def initialize(
 
     Args:
         tp, cp: tensor- and context-parallel sizes; dp = world_size / (tp * cp).
+        cp_impl: "ulysses" (all-to-all; (heads / tp) % cp == 0), "ring" (ring attention; any cp) or
+            "hybrid" (Ulysses inside groups of ``ulysses_size`` consecutive CP ranks, ring across them;
+            see the module docstring for the rank order). The model may still run "ulysses" or "ring"
+            on groups built for another impl (``ParallelGroups.context_parallel``).
+        ulysses_size: for "hybrid" only: the Ulysses group size, dividing cp.
         vae_shards: ranks that shard one VAE call spatially (consecutive ranks); default tp * cp,
             i.e. the ranks of one model replica, which hold the same sample.
         num_heads: optionally, a model's attention heads to validate the layout against before any
@@ -94,7 +154,9 @@ def initialize(
     global _GROUPS
     env = launch_env()
     world = dist.get_world_size() if dist.is_initialized() else env["world_size"]
-    ParallelLayout(world_size=world, tp=tp, cp=cp).validate(num_heads)
+    layout = ParallelLayout(world_size=world, tp=tp, cp=cp, cp_impl=cp_impl, ulysses_size=ulysses_size)
+    layout.validate(num_heads)
+    hierarchical = 1 < layout.ulysses < cp and layout.ring > 1
     vae_shards = vae_shards or tp * cp
     if world % vae_shards != 0:
         raise LayoutError(f"vae_shards={vae_shards} does not divide world size {world}")
@@ -119,6 +181,8 @@ def initialize(
     mps.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         context_parallel_size=cp,
+        # hybrid: megatron-core's hierarchical CP groups, level 0 = Ulysses, level 1 = ring
+        hierarchical_context_parallel_sizes=[layout.ulysses, layout.ring] if hierarchical else None,
         distributed_timeout_minutes=max(1, timeout_s // 60),
         create_gloo_process_groups=False,
     )
@@ -142,6 +206,9 @@ def initialize(
         cp_rank=mps.get_context_parallel_rank(),
         dp_rank=mps.get_data_parallel_rank(),
         device=device,
+        cp_impl=cp_impl,
+        ulysses_size=ulysses_size,
+        hybrid_groups=tuple(mps.get_hierarchical_context_parallel_groups()) if hierarchical else (),
     )
     return _GROUPS
 

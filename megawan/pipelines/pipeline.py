@@ -140,7 +140,8 @@ class WanSampler:
         info.update(seed=req.seed, frames_requested=req.frames, sampling=self.config.to_dict(),
                     mode="world_model" if req.context is not None else "ti2v" if req.image is not None else "t2v",
                     guidance_applied=null_text is not None and self.config.guidance != 1.0,
-                    layout={"tp": self.groups.tp, "cp": self.groups.cp, "dp": self.groups.dp}, **req.meta)
+                    layout={"tp": self.groups.tp, "cp": self.groups.cp, "dp": self.groups.dp,
+                            "cp_impl": self.groups.cp_impl}, **req.meta)
         if _is_writer(self.groups.vae_group):
             Path(out_path).with_suffix(".json").write_text(json.dumps(info, indent=2, default=str))
         return info

@@ -82,7 +82,7 @@ def locate(root=None, *, dit=None, vae=None, text_encoder=None, tokenizer=None,
     return CheckpointFiles(dit_path, vae_path, te, tok)
 
 
-def start_groups(tp: int, cp: int, num_heads: int):
+def start_groups(tp: int, cp: int, num_heads: int, cp_impl: str = "ulysses", ulysses_size: int | None = None):
     """``parallel_state.initialize`` for the CLIs. A lone process (no torchrun / SLURM variables) gets a 1-rank
     group through an in-memory store, so it never binds the default rendezvous port."""
     launched = ("RANK" in os.environ and "WORLD_SIZE" in os.environ) or "SLURM_PROCID" in os.environ
@@ -90,4 +90,4 @@ def start_groups(tp: int, cp: int, num_heads: int):
         if tp * cp != 1:
             raise ValueError(f"--tp {tp} --cp {cp} needs {tp * cp} ranks: launch with torchrun or srun")
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    return parallel_state.initialize(tp, cp, num_heads=num_heads)
+    return parallel_state.initialize(tp, cp, cp_impl=cp_impl, ulysses_size=ulysses_size, num_heads=num_heads)

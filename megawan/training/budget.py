@@ -22,6 +22,9 @@ q/k-norm weights; everything else is replicated):
   * none: what the block's backward needs, from its dataflow (``_block_activation_bytes_per_token``).
   "full" and "selective" are exact (tests/test_budget.py measures them on a real forward); the dataflow
   figure assumes the fused element-wise functions (GPU, compiled); CPU eager holds more (docs/training.md).
+  Context parallelism keeps the same activations whatever ``cp_impl`` (Ulysses' whole-sequence q/k/v for
+  heads/(tp cp) heads hold as many bytes as ring attention's local blocks for heads/tp); ring and hybrid
+  add the ring's buffers of one self-attention at a time (``_ring_buffer_bytes_per_token``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megawan.models.dit_config import WanDiTConfig
+from megawan.parallel_state.layout import LayoutError, ParallelLayout
 
 GIB = 2**30
 
@@ -74,6 +78,14 @@ def _block_activation_bytes_per_token(cfg: WanDiTConfig, compute_bytes: int = 2)
     return 10 * 4 * cfg.dim + 10 * compute_bytes * cfg.dim + 2 * compute_bytes * cfg.ffn_dim
 
 
+def _ring_buffer_bytes_per_token(cfg: WanDiTConfig, tp: int, compute_bytes: int) -> float:
+    """Peak bytes of ring attention's buffers per token of a CP rank (megawan/layers/ring_attention.py), in
+    one self-attention's backward (more than its forward): the key/value block held and the one arriving
+    (compute dtype), the fp32 key/value gradient being summed, the one received and the one in flight, and
+    the fp32 query gradient; each [tokens, D/tp] per tensor."""
+    return (2 * 2 * compute_bytes + 3 * 2 * 4 + 4) * cfg.dim / tp
+
+
 @dataclass
 class MemoryEstimate:
     weights: float
@@ -108,9 +120,11 @@ def _recomputing_block_bytes_per_token(cfg: WanDiTConfig, granularity: str, comp
 
 def estimate_memory(cfg: WanDiTConfig, *, tokens: int, batch: int, tp: int, cp: int, dp: int,
                     compute_bytes: int = 2, recompute: str | None = None, recompute_num_blocks: int | None = None,
-                    residual_bytes: int = 4, ema: bool = False, sequence_parallel: bool = True) -> MemoryEstimate:
+                    residual_bytes: int = 4, ema: bool = False, sequence_parallel: bool = True,
+                    cp_impl: str = "ulysses", ulysses_size: int | None = None) -> MemoryEstimate:
     """Per-rank bytes. ``recompute``: None (keep everything) or a granularity; ``recompute_num_blocks``:
-    only the first N blocks recompute (None = all); ``residual_bytes``: 4 (fp32 stream) or 2."""
+    only the first N blocks recompute (None = all); ``residual_bytes``: 4 (fp32 stream) or 2;
+    ``cp_impl`` / ``ulysses_size``: context parallelism (a ring adds its buffers)."""
     split, replicated = dit_param_counts(cfg)
     params = split / tp + replicated
     # GEMM weights and biases in the compute dtype, except the fp32 q/k-norm weights (split, 4 D per
@@ -130,6 +144,9 @@ def estimate_memory(cfg: WanDiTConfig, *, tokens: int, batch: int, tp: int, cp: 
         activations += recomputing * kept + per_block  # + one block's worth while it recomputes
     # the per-token modulation e0 (fp32 [tokens, 6, D]) and the time embedding, kept once per forward
     activations += 7 * cfg.dim * 4 * local_tokens
+    ring = ParallelLayout(tp * cp, tp, cp, cp_impl, ulysses_size).validate().ring
+    if ring > 1:
+        activations += _ring_buffer_bytes_per_token(cfg, tp, compute_bytes) * batch * tokens / cp
     return MemoryEstimate(weights, grads, optimizer, activations)
 
 
@@ -138,11 +155,15 @@ RECOMPUTE_ORDER = (None, "ffn", "selective", "full")  # least recomputation firs
 
 def suggest_layout(cfg: WanDiTConfig, world: int, capacity: float, **kw) -> tuple[int, int, str | None] | None:
     """(tp, cp, recompute granularity or None): the least recomputation, then the smallest tp, then cp,
-    dividing ``world``, whose estimate fits ``capacity``."""
+    dividing ``world``, valid for ``cp_impl`` / ``ulysses_size`` (in ``kw``; Ulysses by default), whose
+    estimate fits ``capacity``."""
+    impl = {"cp_impl": kw.get("cp_impl", "ulysses"), "ulysses_size": kw.get("ulysses_size")}
     for recompute in RECOMPUTE_ORDER:
         for tp in (1, 2, 4, 8):
-            for cp in (1, 2, 4, 8):
-                if world % (tp * cp) or cfg.num_heads % tp or (cfg.num_heads // tp) % cp:
+            for cp in (1, 2, 4, 8, 16, 32):
+                try:
+                    ParallelLayout(world, tp, cp, **impl).validate(cfg.num_heads)
+                except LayoutError:
                     continue
                 est = estimate_memory(cfg, tp=tp, cp=cp, dp=world // (tp * cp), recompute=recompute, **kw)
                 if est.total <= capacity:

@@ -21,6 +21,7 @@ import yaml
 from megawan.diffusion import FlowMatchingConfig
 from megawan.layers.fp8 import FP8_MODES
 from megawan.models.dit_config import RECOMPUTE_GRANULARITIES
+from megawan.parallel_state.layout import CP_IMPLS, LayoutError, ParallelLayout
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "presets" / "train"  # package data; configs/train links here
 
@@ -60,6 +61,10 @@ class ParallelSection:
     tp: int = 1
     cp: int = 1
     sequence_parallel: bool = True
+    # context parallelism's self-attention: ulysses (all-to-all, (heads / tp) % cp == 0) | ring (any cp) |
+    # hybrid (Ulysses in groups of ulysses_size CP ranks, ring across them); megawan/parallel_state/layout.py
+    cp_impl: str = "ulysses"
+    ulysses_size: int | None = None  # hybrid only: divides cp, and (heads / tp) % ulysses_size == 0
 
 
 @dataclass
@@ -142,6 +147,7 @@ _CHOICES = {
     "model.residual_dtype": ("float32", "bfloat16"),
     "model.fp8": FP8_MODES,
     "model.recompute_granularity": RECOMPUTE_GRANULARITIES,
+    "parallel.cp_impl": CP_IMPLS,
     "data.source": ("1x", "cache"),
     "data.bad_input": ("skip", "raise"),
     "optim.decay_style": ("cosine", "linear", "constant"),
@@ -281,6 +287,12 @@ def _check_rules(cfg: TrainConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
+    par = cfg.parallel
+    try:  # the cp_impl / ulysses_size rules (the world size and the heads are checked at start-up)
+        ParallelLayout(world_size=par.tp * par.cp, tp=par.tp, cp=par.cp, cp_impl=par.cp_impl,
+                       ulysses_size=par.ulysses_size).validate()
+    except LayoutError as e:
+        raise ConfigError(f"parallel: {e}") from e
     if (cfg.data.clip_frames - 1) % 4:
         raise ConfigError(f"data.clip_frames must be 4n + 1 (the VAE's causal time compression), "
                           f"got {cfg.data.clip_frames}")

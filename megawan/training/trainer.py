@@ -80,7 +80,8 @@ def check_memory(cfg: TrainConfig, dit: WanDiTConfig, world: int, device: torch.
     tokens = tokens_per_sample(dit, latent_shape(cfg.data))
     kw = dict(tokens=tokens, batch=cfg.data.batch_size, compute_bytes=2 if cfg.model.dtype == "bfloat16" else 4,
               residual_bytes=2 if cfg.model.residual_dtype == "bfloat16" else 4,
-              ema=cfg.optim.ema_decay > 0, sequence_parallel=cfg.parallel.sequence_parallel)
+              ema=cfg.optim.ema_decay > 0, sequence_parallel=cfg.parallel.sequence_parallel,
+              cp_impl=cfg.parallel.cp_impl, ulysses_size=cfg.parallel.ulysses_size)
     recompute = cfg.model.recompute_granularity if cfg.model.activation_checkpointing else None
     est = estimate_memory(dit, tp=cfg.parallel.tp, cp=cfg.parallel.cp, dp=world // (cfg.parallel.tp * cfg.parallel.cp),
                           recompute=recompute, recompute_num_blocks=cfg.model.recompute_num_blocks, **kw)
@@ -90,6 +91,8 @@ def check_memory(cfg: TrainConfig, dit: WanDiTConfig, world: int, device: torch.
         return
     fit = suggest_layout(dit, world, capacity, **kw)
     hint = (f"a layout that fits: --parallel.tp {fit[0]} --parallel.cp {fit[1]}"
+            + (f" --parallel.cp_impl {cfg.parallel.cp_impl}" if cfg.parallel.cp_impl != "ulysses" else "")
+            + (f" --parallel.ulysses_size {cfg.parallel.ulysses_size}" if cfg.parallel.ulysses_size else "")
             + (f" --model.activation_checkpointing true --model.recompute_granularity {fit[2]}" if fit[2]
                else "")) if fit else \
         "no layout of these ranks fits: use more ranks, a smaller batch or shorter clips"
@@ -112,8 +115,11 @@ class Trainer:
         env = parallel_state.launch_env()
         world = dist.get_world_size() if dist.is_initialized() else env["world_size"]
         self.dit_config = model_config(cfg)
-        ParallelLayout(world_size=world, tp=cfg.parallel.tp, cp=cfg.parallel.cp).validate(self.dit_config.num_heads)
-        self.groups = parallel_state.initialize(cfg.parallel.tp, cfg.parallel.cp, seed=cfg.run.seed)
+        par = cfg.parallel
+        ParallelLayout(world_size=world, tp=par.tp, cp=par.cp, cp_impl=par.cp_impl,
+                       ulysses_size=par.ulysses_size).validate(self.dit_config.num_heads)
+        self.groups = parallel_state.initialize(par.tp, par.cp, cp_impl=par.cp_impl, ulysses_size=par.ulysses_size,
+                                                seed=cfg.run.seed)
         self.rank = dist.get_rank()
         check_memory(cfg, self.dit_config, world, self.groups.device)
 
@@ -125,7 +131,8 @@ class Trainer:
                              recompute_granularity=cfg.model.recompute_granularity,
                              recompute_num_blocks=cfg.model.recompute_num_blocks,
                              compile_blocks=cfg.model.compile_blocks,
-                             fp8=cfg.model.fp8, fp8_bf16_blocks=cfg.model.fp8_bf16_blocks)
+                             fp8=cfg.model.fp8, fp8_bf16_blocks=cfg.model.fp8_bf16_blocks,
+                             cp_impl=par.cp_impl, ulysses_size=par.ulysses_size)
         if cfg.model.init:
             self.model = WanDiT.from_pretrained(cfg.model.init, dtype=dtype, groups=self.groups, runtime=runtime,
                                                 state_dim=cfg.model.state_dim or None)
@@ -330,7 +337,8 @@ class Trainer:
         log = MetricsLogger(self.out_dir / "logs", enabled=self.rank == 0, total_steps=cfg.run.steps,
                             start_step=self.step, every=cfg.logging.every, tensorboard=cfg.logging.tensorboard,
                             progress_bar=cfg.logging.progress_bar)
-        log.message(f"megawan train: tp={self.groups.tp} cp={self.groups.cp} dp={self.groups.dp} "
+        log.message(f"megawan train: tp={self.groups.tp} cp={self.groups.cp} ({cfg.parallel.cp_impl}) "
+                    f"dp={self.groups.dp} "
                     f"(sequence parallel {self.model.sequence_parallel}), {self.tokens} tokens/sample, "
                     f"dtype {cfg.model.dtype}, residual stream {cfg.model.residual_dtype}, fp8 {cfg.model.fp8}, "
                     f"compiled blocks {self.model.backend.compile_blocks}, steps {self.step} -> {cfg.run.steps}"
