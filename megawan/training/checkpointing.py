@@ -154,17 +154,21 @@ def save_checkpoint(root, step: int, model, optimizer, groups, *, ema=None, comm
     _fsync_own_files(tmp, rank)
     dist.barrier()  # every rank's files are on disk: only now may the marker say the checkpoint is complete
     if rank == 0:
-        marker = {"step": step, "layout": {"tp": groups.tp, "cp": groups.cp, "dp": groups.dp},
-                  "world_size": dist.get_world_size()}
-        with open(tmp / MARKER, "w") as f:
-            f.write(json.dumps(marker, indent=1) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_path(tmp)
+        _write_marker(tmp, {"step": step, "layout": {"tp": groups.tp, "cp": groups.cp, "dp": groups.dp},
+                            "world_size": dist.get_world_size()})
         _put_in_place(tmp, final)
         _prune(root, keep)
     dist.barrier()
     return final
+
+
+def _write_marker(folder: Path, marker: dict) -> None:
+    """The completion marker, durable, with the folder's entries (called once every rank's files are)."""
+    with open(folder / MARKER, "w") as f:
+        f.write(json.dumps(marker, indent=1) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_path(folder)
 
 
 def _put_in_place(tmp: Path, final: Path) -> None:

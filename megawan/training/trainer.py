@@ -55,6 +55,15 @@ class MemoryBudgetError(RuntimeError):
     """The layout needs more memory per rank than the device (or host) has."""
 
 
+class _ReadFailed(RuntimeError):
+    """A read of evaluation data failed on some rank; raised on every rank alike (the message names them)."""
+
+
+def _describe_failures(failed: list[tuple[int, str]]) -> str:
+    (rank, error), more = failed[0], len(failed) - 1
+    return f"{error} (rank {rank}" + (f" and {more} more" if more else "") + ")"
+
+
 class EvaluationDataError(ValueError):
     """Validation or rollouts are switched on but their data cannot be used; found at start, not at step N."""
 
@@ -323,24 +332,49 @@ class Trainer:
                                           f"decode with data.vae={data_cfg.vae}, which does not exist")
             logger.info("rollouts: %d clip(s) from %s (%s)", len(self._rollout_clips), root, why)
 
-    def _evaluate(self, kind: str, run, log) -> None:
-        """Run one evaluation (``run()`` -> result, ``log(result)``); a failure on any rank is logged on rank 0
-        and recorded in metrics.jsonl (``kind: {kind}_error``), and training goes on."""
-        try:
-            result, error = run(), None
-        except Exception as e:  # noqa: BLE001 - an evaluation must never end the run
-            result, error = None, f"{type(e).__name__}: {e}"
+    def _failures(self, error: str | None) -> list[tuple[int, str]]:
+        """Collective: (rank, error) of every rank whose ``error`` is not None."""
         errors: list = [None] * dist.get_world_size()
         dist.all_gather_object(errors, error)
-        failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+        return [(r, e) for r, e in enumerate(errors) if e is not None]
+
+    def _read_on_every_rank(self, read):
+        """``read()`` (no collective inside: a file, a decode, a load) on every rank, then agree: if it failed on
+        any rank, every rank raises the same _ReadFailed here, so none is left waiting in the collective that
+        would come next (the evaluation then fails as a whole and training goes on)."""
+        try:
+            value, error = read(), None
+        except Exception as e:  # noqa: BLE001
+            value, error = None, f"{type(e).__name__}: {e}"
+        failed = self._failures(error)
+        if failed:
+            raise _ReadFailed(_describe_failures(failed))
+        return value
+
+    def _evaluate(self, kind: str, run, log) -> None:
+        """Run one evaluation (``run()`` -> result, ``log(result)``); a failure is logged on rank 0 and recorded
+        in metrics.jsonl (``kind: {kind}_error``), and training goes on.
+
+        Every read inside an evaluation is agreed on by all ranks (``_read_on_every_rank``), so a bad clip or
+        file on one rank makes all ranks skip together. A failure inside the evaluation's collectives on one
+        rank only (e.g. out of memory on one GPU) cannot be survived this way: the others would wait in the
+        collective until the process group's timeout ends the job (the step's checkpoint is already written).
+        """
+        try:
+            result, error = run(), None
+        except _ReadFailed as e:
+            result, error = None, f"agreed:{e}"
+        except Exception as e:  # noqa: BLE001 - an evaluation must never end the run
+            result, error = None, f"{type(e).__name__}: {e}"
+        failed = self._failures(error)
         if not failed:
             log(result)
             return
         self.model.train()
         if kind == "validation":
             self._val_cache = None  # read again next time
-        message = f"{failed[0][1]} (rank {failed[0][0]}" + (f" and {len(failed) - 1} more" if len(failed) > 1
-                                                             else "") + ")"
+        agreed = [e[len("agreed:"):] for _, e in failed if e.startswith("agreed:")]
+        message = agreed[0] if agreed else _describe_failures(failed)
         if self.rank == 0:
             logger.warning("step %d: %s failed: %s; training goes on", self.step, kind, message)
         self._log.log(self.step, {"error": message}, kind=f"{kind}_error")
@@ -355,7 +389,7 @@ class Trainer:
             items = validation_clips(len(dataset), vcfg.num_clips)
             self._val_cache = []
             for item in items:
-                raw = dataset[item]
+                raw = self._read_on_every_rank(lambda: dataset[item])
                 raw = {k: (v[None] if torch.is_tensor(v) else [v]) for k, v in raw.items() if k != "skipped"}
                 self._val_cache.append((item, self.data.to_batch(raw)))  # every rank: the VAE call is collective
         self.model.eval()
@@ -388,12 +422,14 @@ class Trainer:
 
         vcfg, data_cfg = self.cfg.validation, self.cfg.data
         if self._rollout_clips is None:  # raw clips (video + states) of the held-out split, read once
-            root, _ = rollout_root(self.cfg)
-            dataset = build_dataset(dataclasses.replace(data_cfg, source="1x"), root)
-            self._rollout_clips = [dataset[i] for i in validation_clips(len(dataset), vcfg.rollout_clips)]
+            def read():
+                dataset = build_dataset(dataclasses.replace(data_cfg, source="1x"), rollout_root(self.cfg)[0])
+                return [dataset[i] for i in validation_clips(len(dataset), vcfg.rollout_clips)]
+
+            self._rollout_clips = self._read_on_every_rank(read)
         if self._rollout_vae is None:  # the training data's VAE, or (latent cache) one loaded once and kept
-            self._rollout_vae = self.data.vae if self.data.vae is not None else build_vae(data_cfg,
-                                                                                          self.groups.device)
+            self._rollout_vae = self.data.vae if self.data.vae is not None else \
+                self._read_on_every_rank(lambda: build_vae(data_cfg, self.groups.device))
         context = 4 * (self.cfg.objective.clean_frames - 1) + 1  # K clean latent frames <- 4 (K - 1) + 1 frames
         return evaluate_rollouts(self.model, self._rollout_vae, self._rollout_clips, self.groups,
                                  text=self.data.empty_text,
