@@ -353,7 +353,7 @@ def test_ctrl_c_stops_at_the_next_step_with_a_checkpoint_in_one_line(data_root, 
     text = log.read_text()
     assert rc == 0, text[-3000:]
     assert "Traceback" not in text and "KeyboardInterrupt" not in text
-    assert text.count("Ctrl-C") == 1
+    assert text.count("Ctrl-C: stopping") == 1
     stopped = [line for line in text.splitlines() if line.startswith("preempted: checkpoint ")]
     assert len(stopped) == 1 and stopped[0].endswith("(stop requested by SIGINT)"), text[-2000:]
     step = int(stopped[0].split(" written at step ")[1].split(";")[0])
