@@ -257,16 +257,18 @@ def test_metrics_jsonl_and_tensorboard_hold_each_step_once_after_a_resume(data_r
 
 
 def test_a_second_run_in_the_same_folder_is_refused_at_once_naming_the_first(data_root, tmp_path):
-    from megawan.training.run_lock import RunLock
+    import psutil
 
     out = tmp_path / "run"
-    holder = RunLock(out)
-    holder.acquire()  # this process: alive, on this host
-    try:
-        proc = subprocess.run([sys.executable, "-m", "megawan.train", *_cli_args(one_rank(data_root, out))],
-                              cwd=REPO, capture_output=True, text=True, timeout=600, env=_lone_run_env())
-    finally:
-        holder.release()
+    out.mkdir()
+    lock = out / ".megawan-run.lock"  # held by this process: alive, on this host (written as a run writes it)
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                "process_start": psutil.Process().create_time(), "started": "2026-01-01T00:00:00",
+                                "slurm_job": None, "slurm_restart": 0}))
+    proc = subprocess.run([sys.executable, "-m", "megawan.train", *_cli_args(one_rank(data_root, out))],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, env=_lone_run_env())
+    assert lock.exists()  # still the holder's
+    lock.unlink()
     assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
     line = proc.stdout.strip()
     assert line.startswith(f"FAIL: the job did not start: RunFolderLocked: run folder {out} is in use by another "
