@@ -29,12 +29,15 @@ def parse_args(argv: list[str] | None = None):
     return p.parse_known_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict | None:
+def main(argv: list[str] | None = None, *, restore_signals: bool = True) -> dict | None:
+    """``restore_signals=False`` (the command line): the handlers stay until the process exits, so a second
+    Ctrl-C while it winds down (after the checkpoint of the first) still stops it in one line."""
     stop = StopRequest().install()  # first: a signal during the slow start-up becomes a checkpoint, not a death
     try:
         return _main(argv, stop)
     finally:
-        stop.restore()
+        if restore_signals:
+            stop.restore()
 
 
 def _main(argv: list[str] | None, stop: StopRequest) -> dict | None:
@@ -82,4 +85,4 @@ def _main(argv: list[str] | None, stop: StopRequest) -> dict | None:
 
 
 if __name__ == "__main__":
-    main()
+    main(restore_signals=False)

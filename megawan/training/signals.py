@@ -113,8 +113,8 @@ class StopRequest:
             self._say("Ctrl-C: stopping at the next step boundary with a checkpoint "
                       "(Ctrl-C again stops at once, without one)")
             return
-        self._say("Ctrl-C again: stopped at once, without a checkpoint (the newest complete one is where a rerun "
-                  "resumes)")
+        self._say("Ctrl-C again: stopped at once (a checkpoint being written is abandoned; a rerun resumes from "
+                  "the newest complete one)")
         for callback in self._on_abort:
             try:
                 callback()

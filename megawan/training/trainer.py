@@ -144,7 +144,10 @@ def _derive_seed(*parts: int) -> int:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, stop: StopRequest | None = None):
-        self.stop = stop or StopRequest().install()  # before the slow start-up: no signal is lost
+        # before the slow start-up: no signal is lost. One given by the caller (megawan.train.main) stays
+        # installed after fit: a second Ctrl-C while the process winds down must still stop it in one line
+        self._owns_stop = stop is None
+        self.stop = stop or StopRequest().install()
         self.cfg = cfg
         self.out_dir = Path(cfg.run.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
@@ -491,7 +494,8 @@ class Trainer:
         try:
             return self._fit(cfg)
         finally:
-            self.stop.restore()
+            if self._owns_stop:
+                self.stop.restore()
             self.close()
 
     def _fit(self, cfg: TrainConfig) -> dict:
