@@ -40,6 +40,8 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 from megatron.core.utils import make_sharded_tensor_for_checkpoint, make_tp_sharded_tensor_for_checkpoint
 
+from megawan.training.signals import stop_signals_kept_from_children
+
 logger = logging.getLogger("megawan.train")
 
 MARKER = "megawan_checkpoint.json"
@@ -150,7 +152,8 @@ def save_checkpoint(root, step: int, model, optimizer, groups, *, ema=None, comm
         tmp.mkdir(parents=True)
     dist.barrier()
     sd = build_sharded_state_dict(model, optimizer, groups, ema=ema, common=common)
-    dist_checkpointing.save(sd, str(tmp))
+    with stop_signals_kept_from_children():  # its writer processes must not die of a Ctrl-C to the group
+        dist_checkpointing.save(sd, str(tmp))
     _fsync_own_files(tmp, rank)
     dist.barrier()  # every rank's files are on disk: only now may the marker say the checkpoint is complete
     if rank == 0:

@@ -15,6 +15,7 @@ rank 0 looks for at every step boundary.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -23,6 +24,23 @@ import threading
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 STOP_FILE_ENV = "MEGAWAN_STOP_FILE"
 INTERRUPTED_EXIT = 130  # 128 + SIGINT: what a shell reports for a process ended by Ctrl-C
+
+
+@contextlib.contextmanager
+def stop_signals_kept_from_children():
+    """Around code that starts processes (megatron's checkpoint writers are forked, its results queue is a
+    spawned manager): the main thread blocks the stop signals, so the children start with them blocked and
+    a Ctrl-C sent to the whole process group does not kill them half-way (nor print their tracebacks). This
+    process still gets the signals: the kernel hands them to a thread that does not block them (the watcher
+    of StopRequest), and a blocked one is delivered when the block ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _launch_rank() -> int:
@@ -44,6 +62,7 @@ class StopRequest:
         self._previous_wakeup_fd: int | None = None
         self._socks: tuple[socket.socket, socket.socket] | None = None
         self._on_abort: list = []
+        self._fork_hook = False
 
     @property
     def requested(self) -> bool:
@@ -61,6 +80,9 @@ class StopRequest:
     def install(self) -> "StopRequest":
         for s in STOP_SIGNALS:
             self._previous.setdefault(s, signal.signal(s, self._on_signal))
+        if not self._fork_hook:  # a forked child (a data worker) leaves stopping to this process
+            os.register_at_fork(after_in_child=self._in_forked_child)
+            self._fork_hook = True
         if self._socks is None and threading.current_thread() is threading.main_thread():
             reader, writer = socket.socketpair()
             reader.setblocking(True)
@@ -87,6 +109,14 @@ class StopRequest:
             self._socks = None
 
     # ---- internals ------------------------------------------------------------------------------
+
+    def _in_forked_child(self) -> None:
+        if self._socks is None:
+            return
+        self._socks = None  # the watcher thread does not exist here; the sockets are the parent's
+        self._previous.clear()
+        signal.set_wakeup_fd(-1)  # else a signal to the child would reach the parent's watcher as its own
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def _on_signal(self, signum, frame) -> None:
         if self.signal_name is None:
