@@ -20,8 +20,9 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # torchrun's default, set here so 
 export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning}
 
 # A megawan tool that exits with status 3 has already said why (rank 0, once: a layout rule, a missing
-# folder). torchrun's own report of that failure (its traceback, one entry per stopped rank) is then left
-# out of stderr; any other failure keeps it. The exit status is torchrun's either way.
+# folder), and so has a trainer stopped at once by a second Ctrl-C (status 130). torchrun's own report of
+# that failure (its traceback, one entry per stopped rank) is then left out of stderr; any other failure
+# keeps it. The exit status is torchrun's either way.
 quiet_startup_failure() {
   awk '
     held { buf = buf $0 "\n"; next }
@@ -32,8 +33,38 @@ quiet_startup_failure() {
     { print; fflush() }
     END {
       if (pending != "") print pending
-      if (buf !~ /exitcode  *: 3 /) printf "%s%s", notes, buf
+      if (buf !~ /exitcode  *: (3|130) /) printf "%s%s", notes, buf
     }'
 }
-set -o pipefail
-{ torchrun "${RDZV[@]}" --nproc_per_node "$NPROC" -m "$MODULE" "$@" 2>&1 1>&3 3>&- | quiet_startup_failure >&2; } 3>&1
+
+# Ctrl-C (and SIGTERM / SIGHUP to this script) reach each rank exactly once, from here: torchrun runs in its
+# own session, out of the terminal's reach. The trainer's first SIGINT means "checkpoint at the next step
+# boundary and exit 0", a second "stop at once" (megawan/training/signals.py). Left in the terminal's
+# process group, torchrun would catch the Ctrl-C itself, pass on only the first, print a traceback, and
+# kill the ranks 30 s later whatever they were writing.
+interrupts=0
+forward() {  # SIGNAL -> torchrun's children, the ranks
+  local pids
+  [ "$1" != INT ] || interrupts=$((interrupts + 1))
+  pids=$(ps -o pid= --ppid "$torchrun_pid" 2>/dev/null || true)
+  if [ -n "$pids" ]; then
+    # shellcheck disable=SC2086
+    kill -s "$1" $pids 2>/dev/null || true
+  fi
+}
+exec 4> >(trap '' INT; quiet_startup_failure >&2)  # torchrun's stderr, filtered; Ctrl-C does not end the filter
+filter_pid=$!
+setsid torchrun "${RDZV[@]}" --nproc_per_node "$NPROC" -m "$MODULE" "$@" 2>&4 &
+torchrun_pid=$!
+trap 'forward INT' INT
+trap 'forward TERM' TERM
+trap 'forward HUP' HUP
+while :; do  # a trapped signal ends `wait` early: wait again until torchrun has really ended
+  rc=0
+  wait "$torchrun_pid" || rc=$?
+  kill -0 "$torchrun_pid" 2>/dev/null || break
+done
+exec 4>&-
+wait "$filter_pid" 2>/dev/null || true
+if [ "$rc" != 0 ] && [ "$interrupts" -ge 2 ]; then rc=130; fi  # stopped at once by a second Ctrl-C
+exit "$rc"

@@ -4,24 +4,21 @@
     srun python -m megawan.train --config configs/train/ti2v5b_1x.yaml --run.out_dir runs/wm
 
 ``--config`` is a YAML file or a preset name (configs/train/); ``--section.key VALUE`` overrides any key.
-A rerun with the same ``run.out_dir`` resumes from its newest complete checkpoint, in any layout.
-SIGTERM / SIGUSR1 write a checkpoint at the next step boundary and exit 0.
+A rerun with the same ``run.out_dir`` resumes from its newest complete checkpoint, in any layout
+(``--checkpoint.load DIR`` is only the starting point of a run folder that has none yet).
+SIGTERM, SIGUSR1 or a first Ctrl-C write a checkpoint at the next step boundary and exit 0; a second Ctrl-C
+stops at once (exit 130). One run at a time per ``run.out_dir``: a second one is refused, naming the first.
 """
 
 from __future__ import annotations
 
+# Only light imports before main() has installed the signal handlers: importing torch and megatron takes
+# seconds (tens under load), and a signal arriving then must not end the process.
 import argparse
 import logging
 import warnings
 
-# megatron-core announces its pure-torch fallbacks on every rank at import; they are expected on CPU.
-warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-
-from megawan import parallel_state  # noqa: E402
-from megawan.parallel_state import LayoutError  # noqa: E402
-from megawan.parallel_state.launch import launch_env, startup_error  # noqa: E402
-from megawan.training.config import ConfigError, load_config  # noqa: E402
-from megawan.training.signals import StopRequest  # noqa: E402
+from megawan.training.signals import StopRequest
 
 
 def parse_args(argv: list[str] | None = None):
@@ -32,8 +29,25 @@ def parse_args(argv: list[str] | None = None):
     return p.parse_known_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict | None:
-    stop = StopRequest().install()  # first: a scheduler's SIGUSR1 during start-up becomes a checkpoint
+def main(argv: list[str] | None = None, *, restore_signals: bool = True) -> dict | None:
+    """``restore_signals=False`` (the command line): the handlers stay until the process exits, so a second
+    Ctrl-C while it winds down (after the checkpoint of the first) still stops it in one line."""
+    stop = StopRequest().install()  # first: a signal during the slow start-up becomes a checkpoint, not a death
+    try:
+        return _main(argv, stop)
+    finally:
+        if restore_signals:
+            stop.restore()
+
+
+def _main(argv: list[str] | None, stop: StopRequest) -> dict | None:
+    # megatron-core announces its pure-torch fallbacks on every rank at import; they are expected on CPU.
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    from megawan import parallel_state
+    from megawan.parallel_state import LayoutError
+    from megawan.parallel_state.launch import launch_env, startup_error
+    from megawan.training.config import ConfigError, load_config
+
     args, overrides = parse_args(argv)
     rank = launch_env()["rank"]
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
@@ -50,11 +64,12 @@ def main(argv: list[str] | None = None) -> dict | None:
             print(dump_config(cfg), end="")
         return None
     warnings.filterwarnings("ignore", category=FutureWarning)  # library notices, once per rank otherwise
+    from megawan.training.run_lock import RunFolderLocked
     from megawan.training.trainer import MemoryBudgetError, Trainer
 
     try:
         trainer = Trainer(cfg, stop)
-    except (LayoutError, MemoryBudgetError, FileNotFoundError, ValueError) as e:
+    except (LayoutError, MemoryBudgetError, RunFolderLocked, FileNotFoundError, ValueError) as e:
         startup_error(e, rank)
     result = trainer.fit()
     if rank == 0 and not result["preempted"]:  # a preempted run has said so ("preempted: ...")
@@ -70,4 +85,4 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 if __name__ == "__main__":
-    main()
+    main(restore_signals=False)

@@ -3,13 +3,31 @@
 # KIND: train (checks the run config first) or module (checks that MODULE exists and --tp * --cp divides).
 # One srun task per rank (one per GPU on GPU nodes): megawan.parallel_state reads SLURM_PROCID /
 # SLURM_NTASKS / SLURM_LOCALID and takes the rendezvous host from the node list, the port from the job id.
-# With MEGAWAN_REQUEUE=1 a SIGUSR1 to the batch shell (sbatch --signal=B:USR1@SECONDS, or
-# scancel --batch --signal=USR1 JOBID) is passed on to every rank, which checkpoints and exits 0; the job
-# then requeues itself and the next start resumes from that checkpoint.
+# Training jobs (train.sbatch): a SIGUSR1 to the batch shell (sbatch --signal=B:USR1@SECONDS, or
+# scancel --batch --signal=USR1 JOBID) asks the ranks to checkpoint at the next step boundary and exit 0;
+# with MEGAWAN_REQUEUE=1 the job then requeues itself and the next start resumes from that checkpoint. The
+# ranks are told through a file ($MEGAWAN_STOP_FILE, which rank 0 looks for at every step), not a signal: a
+# signal that reaches a rank before Python has installed its handler (interpreter start-up) would end it.
+# A SIGUSR1 before the ranks start (train.sbatch notes it from its first line) requeues at once.
 
 megawan_log() { echo "megawan-slurm: $*"; }
 
 megawan_usage() { echo "usage: ${MEGAWAN_USAGE:-sbatch [sbatch options] launch/slurm/JOB.sbatch [arguments]}"; }
+
+# Seconds until this job's time limit (squeue's %L: [D-][HH:]MM:SS), or nothing when it has none.
+megawan_time_left_s() {
+  local left d=0 h=0 m=0 s=0 parts
+  left=$(squeue -h -j "$SLURM_JOB_ID" -o %L 2>/dev/null) || return 0
+  case $left in ''|UNLIMITED|INVALID|NOT_SET) return 0 ;; esac
+  if [[ $left == *-* ]]; then d=${left%%-*}; left=${left#*-}; fi
+  IFS=: read -r -a parts <<< "$left"
+  case ${#parts[@]} in
+    3) h=${parts[0]} m=${parts[1]} s=${parts[2]} ;;
+    2) m=${parts[0]} s=${parts[1]} ;;
+    *) s=${parts[0]} ;;
+  esac
+  echo $(( ((10#$d * 24 + 10#$h) * 60 + 10#$m) * 60 + 10#$s ))
+}
 
 megawan_job() {
   local kind=$1 module=$2
@@ -82,39 +100,70 @@ megawan_job() {
       || { echo "$layout" >&2; megawan_usage >&2; return 2; }
   fi
 
+  # A time limit that leaves no more than the SIGUSR1 lead: the signal would come before any training, the
+  # job would requeue, and so on forever. Refuse it now.
+  local left
+  left=$(megawan_time_left_s)
+  if [ "$kind" = train ] && [ -n "$left" ] && [ -n "${MEGAWAN_SIGNAL_LEAD_S:-}" ] \
+      && [ "$left" -le "$MEGAWAN_SIGNAL_LEAD_S" ]; then
+    echo "error: the job's time limit is ${left} s away, no more than the ${MEGAWAN_SIGNAL_LEAD_S} s before it at" \
+      "which SIGUSR1 asks the ranks to checkpoint (--signal=B:USR1@${MEGAWAN_SIGNAL_LEAD_S}): the job would requeue" \
+      "forever without training; give it a longer --time (or a shorter lead: --signal=B:USR1@SECONDS with" \
+      "MEGAWAN_SIGNAL_LEAD_S=SECONDS)" >&2
+    return 2
+  fi
+
   local cmd=(srun --kill-on-bad-exit=1 "$python" -m "$module" "$@")
   megawan_log "$layout; + ${cmd[*]@Q}"
 
-  local preempted=0 interrupted=0 rc=0 step_pid
+  local preempted=0 interrupted=0 rc=0 step_pid=
+  if [ "$kind" = train ]; then
+    export MEGAWAN_STOP_FILE="$root/logs/.megawan-stop-${SLURM_JOB_ID:-0}.${SLURM_RESTART_COUNT:-0}"
+    rm -f "$MEGAWAN_STOP_FILE"
+  fi
   megawan_on_usr1() {
     preempted=1 interrupted=1
-    megawan_log "SIGUSR1 at $(date -u +%T): asking every rank to checkpoint and stop"
-    kill -USR1 "$step_pid" 2>/dev/null || true  # srun passes it on to each task
+    : > "$MEGAWAN_STOP_FILE"  # rank 0 sees it at its next step boundary (or its first, if not started yet)
+    megawan_log "SIGUSR1 at $(date -u +%T): asking every rank to checkpoint at the next step boundary and stop"
   }
   megawan_on_term() {  # scancel, or the time limit: SLURM signals the tasks itself; wait for them
     interrupted=1
     megawan_log "SIGTERM at $(date -u +%T): the job is being stopped (no requeue)"
   }
-  if [ "${MEGAWAN_REQUEUE:-0}" = 1 ]; then trap megawan_on_usr1 USR1; fi
+  if [ "$kind" = train ]; then trap megawan_on_usr1 USR1; fi
   trap megawan_on_term TERM
 
-  "${cmd[@]}" &
-  step_pid=$!
-  while :; do  # a trapped signal ends `wait` early: wait again until the step has really ended
-    interrupted=0 rc=0
-    wait "$step_pid" || rc=$?
-    [ "$interrupted" = 1 ] || break
-  done
+  if [ -n "${MEGAWAN_USR1_AT:-}" ]; then  # noted by train.sbatch's first trap, before this function ran
+    preempted=1
+    megawan_log "SIGUSR1 at $MEGAWAN_USR1_AT, before the ranks started: nothing to checkpoint, no job step"
+  fi
+  if [ "$preempted" = 0 ]; then
+    "${cmd[@]}" &
+    step_pid=$!
+    while :; do  # a trapped signal ends `wait` early: wait again until the step has really ended
+      interrupted=0 rc=0
+      wait "$step_pid" || rc=$?
+      [ "$interrupted" = 1 ] || break
+    done
+    megawan_log "job step ended with status $rc at $(date -u +%T)"
+  fi
   trap - USR1 TERM
-  megawan_log "job step ended with status $rc at $(date -u +%T)"
+  [ "$kind" != train ] || rm -f "$MEGAWAN_STOP_FILE"
 
-  if [ "$preempted" = 1 ]; then
+  if [ "$preempted" = 1 ] && [ "${MEGAWAN_REQUEUE:-0}" = 1 ]; then
     if [ "${SLURM_RESTART_COUNT:-0}" -ge "${MEGAWAN_MAX_RESTARTS:-50}" ]; then
       megawan_log "not requeued: restart ${SLURM_RESTART_COUNT} reached MEGAWAN_MAX_RESTARTS=${MEGAWAN_MAX_RESTARTS:-50}"
     else
       # Requeueing ends this batch shell: it is the last thing the job does. SLURM holds a requeued job
       # for a short while (Reason=BeginTime) before it can start again.
-      megawan_log "requeueing job $SLURM_JOB_ID: the next start resumes from the checkpoint"
+      if [ -z "$step_pid" ]; then
+        megawan_log "requeueing job $SLURM_JOB_ID: the next start resumes from the newest complete checkpoint, if any"
+      elif [ "$rc" = 0 ]; then
+        megawan_log "requeueing job $SLURM_JOB_ID: the ranks checkpointed; the next start resumes from there"
+      else
+        megawan_log "requeueing job $SLURM_JOB_ID, although the job step failed (status $rc) after the SIGUSR1:" \
+          "the next start resumes from the newest complete checkpoint, if any"
+      fi
       scontrol requeue "$SLURM_JOB_ID" && return 0
       megawan_log "scontrol requeue failed: resubmit the same command to resume"
     fi

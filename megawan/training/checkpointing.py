@@ -11,10 +11,18 @@ A checkpoint is a folder ``step_{N:08d}`` under ``<out_dir>/checkpoints`` holdin
 - each rank's RNG states (restored when the layout is unchanged; every random draw of training is
   derived from (seed, step, data-parallel rank) anyway, so a resharded resume draws the same noise).
 
-Writes are atomic: every rank writes into ``.tmp-step_N``; after a barrier rank 0 adds
-``megawan_checkpoint.json`` (the completion marker) and renames the folder. A crash or a killed rank
-mid-write leaves only a ``.tmp-`` folder, reported and skipped (then removed) by the next run, and the
-last good checkpoint is untouched. The newest ``keep`` checkpoints are kept.
+Writes are atomic and durable: every rank writes into ``.tmp-step_N`` and fsyncs the files it wrote; after a
+barrier (every rank's shards are on disk) rank 0 fsyncs the shared files, adds ``megawan_checkpoint.json``
+(the completion marker), fsyncs it and renames the folder. A crash or a killed rank mid-write leaves only a
+``.tmp-`` folder, reported and skipped (then removed) by the next run, and the last good checkpoint is
+untouched. Saving a step that exists already never leaves a moment with no copy of it on disk: the old copy
+is renamed to ``.replaced-step_N`` first and removed only after the new one is in place (a run that died in
+between gets it back on its next start). The newest ``keep`` checkpoints are kept.
+
+Resuming: rank 0 alone lists the folder and checks the newest complete checkpoint's files against its own
+index (every shard file present and long enough); an unreadable one is set aside as ``.unreadable-step_N``
+and the previous one is used, saying so. The choice is broadcast, so all ranks load the same step even when
+their views of a shared file system differ.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,11 +40,15 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 from megatron.core.utils import make_sharded_tensor_for_checkpoint, make_tp_sharded_tensor_for_checkpoint
 
+from megawan.training.signals import stop_signals_kept_from_children
+
 logger = logging.getLogger("megawan.train")
 
 MARKER = "megawan_checkpoint.json"
 PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
+REPLACED_PREFIX = ".replaced-"  # the previous copy of a step being saved again, until the new one is in place
+UNREADABLE_PREFIX = ".unreadable-"  # a complete-looking checkpoint whose files do not match its index
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -103,29 +116,145 @@ def build_sharded_state_dict(model, optimizer, groups, *, ema=None, common: dict
     return sd
 
 
+def _rename(src: Path, dst: Path) -> None:
+    os.replace(src, dst)  # one place, so a test can stop the process between two renames
+
+
+def _fsync_path(path: Path) -> None:
+    """Flush a file (or a folder's entries) to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_own_files(folder: Path, rank: int) -> None:
+    """fsync what this rank wrote into ``folder``: torch DCP names its shard files ``__{rank}_{i}.distcp``;
+    rank 0 also writes the index and common state (``.metadata``, ``common.pt``, ``metadata.json``).
+    megatron fsyncs its shards itself; the other files it leaves in the page cache."""
+    mine = f"__{rank}_"
+    for p in sorted(folder.iterdir()):
+        shard = p.name.startswith("__")
+        if p.is_file() and (p.name.startswith(mine) if shard else rank == 0):
+            _fsync_path(p)
+
+
 def save_checkpoint(root, step: int, model, optimizer, groups, *, ema=None, common: dict, keep: int) -> Path:
-    """Collective: write step ``step`` atomically, then drop all but the newest ``keep`` checkpoints."""
+    """Collective: write step ``step`` atomically and durably, then drop all but the newest ``keep``."""
     root = Path(root)
     final = step_dir(root, step)
     tmp = root / f"{TMP_PREFIX}{final.name}"
-    if dist.get_rank() == 0:
+    rank = dist.get_rank()
+    if rank == 0:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     dist.barrier()
     sd = build_sharded_state_dict(model, optimizer, groups, ema=ema, common=common)
-    dist_checkpointing.save(sd, str(tmp))
-    dist.barrier()
-    if dist.get_rank() == 0:
-        marker = {"step": step, "layout": {"tp": groups.tp, "cp": groups.cp, "dp": groups.dp},
-                  "world_size": dist.get_world_size()}
-        (tmp / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
-        if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+    with stop_signals_kept_from_children():  # its writer processes must not die of a Ctrl-C to the group
+        dist_checkpointing.save(sd, str(tmp))
+    _fsync_own_files(tmp, rank)
+    dist.barrier()  # every rank's files are on disk: only now may the marker say the checkpoint is complete
+    if rank == 0:
+        _write_marker(tmp, {"step": step, "layout": {"tp": groups.tp, "cp": groups.cp, "dp": groups.dp},
+                            "world_size": dist.get_world_size()})
+        _put_in_place(tmp, final)
         _prune(root, keep)
     dist.barrier()
     return final
+
+
+def _write_marker(folder: Path, marker: dict) -> None:
+    """The completion marker, durable, with the folder's entries (called once every rank's files are)."""
+    with open(folder / MARKER, "w") as f:
+        f.write(json.dumps(marker, indent=1) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_path(folder)
+
+
+def _put_in_place(tmp: Path, final: Path) -> None:
+    """Rename the finished ``tmp`` onto ``final``; an existing ``final`` (the same step saved again, e.g. after
+    a resume from ``checkpoint.load``) stays on disk as ``.replaced-step_N`` until the new copy is in place."""
+    root = final.parent
+    aside = root / f"{REPLACED_PREFIX}{final.name}"
+    if final.exists():
+        if aside.exists():
+            shutil.rmtree(aside)
+        _rename(final, aside)
+        try:
+            _rename(tmp, final)
+        except BaseException:
+            _rename(aside, final)
+            raise
+        _fsync_path(root)
+        shutil.rmtree(aside)
+    else:
+        _rename(tmp, final)
+    _fsync_path(root)
+
+
+def recover_replaced(root) -> list[str]:
+    """Rank 0 at start: a ``.replaced-step_N`` left by a run that died between its two renames goes back to
+    ``step_N`` when no complete ``step_N`` exists, and is removed when one does. Returns what was done."""
+    root = Path(root)
+    notes = []
+    if not root.is_dir():
+        return notes
+    for aside in sorted(p for p in root.iterdir() if p.name.startswith(REPLACED_PREFIX)):
+        final = root / aside.name[len(REPLACED_PREFIX):]
+        if (final / MARKER).exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        elif (aside / MARKER).exists():
+            if final.exists():
+                shutil.rmtree(final)
+            _rename(aside, final)
+            notes.append(f"{final.name} restored from {aside.name} (a run stopped while saving that step again)")
+    return notes
+
+
+def checkpoint_problem(path) -> str | None:
+    """Why the checkpoint at ``path`` cannot be loaded, or None: the marker, megatron's metadata and common
+    state, and every file its torch DCP index names, present and at least as long as the index says."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    path = Path(path)
+    if not path.is_dir():
+        return "it does not exist"
+    for name in (MARKER, "metadata.json", "common.pt", ".metadata"):
+        if not (path / name).is_file():
+            return f"{name} is missing"
+    try:
+        json.loads((path / MARKER).read_text())
+        index = FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # noqa: BLE001 - any unreadable index makes the checkpoint unusable
+        return f"its index cannot be read ({type(e).__name__}: {e})"
+    need: dict[str, int] = {}
+    for info in index.storage_data.values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(need.items()):
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size < size:
+            return f"{name} is truncated ({f.stat().st_size} of {size} bytes)"
+    try:
+        torch.load(path / "common.pt", map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001
+        return f"common.pt cannot be read ({type(e).__name__}: {e})"
+    return None
+
+
+def set_aside_unreadable(path: Path) -> Path:
+    """Rename an unreadable checkpoint out of the way (kept for inspection, never loaded or counted)."""
+    aside = path.with_name(f"{UNREADABLE_PREFIX}{path.name}")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{UNREADABLE_PREFIX}{path.name}.{n}")
+    _rename(path, aside)
+    return aside
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -142,16 +271,54 @@ def complete_checkpoints(root) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def find_resume_point(root) -> Path | None:
-    """The newest complete checkpoint; torn ones (a write that never finished) are reported."""
+class CheckpointLoadError(FileNotFoundError):
+    """``checkpoint.load`` names a folder that cannot be loaded; the message says why."""
+
+
+@dataclass
+class ResumeChoice:
+    """Where a run starts: ``path`` (None: step 0) and why, plus what was found on the way (warnings)."""
+
+    path: str | None
+    reason: str
+    warnings: list[str] = field(default_factory=list)
+
+
+def choose_resume_point(root, initial_load: str | None = None) -> ResumeChoice:
+    """Rank 0 only (the caller broadcasts the choice): the newest readable complete checkpoint under ``root``;
+    ``initial_load`` (``checkpoint.load``) only when ``root`` holds none, as torchtitan's initial_load_path.
+
+    Unreadable checkpoints (a shard missing or cut short) are set aside as ``.unreadable-step_N`` and the
+    previous one is taken, saying so; torn writes (``.tmp-``, or no marker) are reported and skipped.
+    """
     root = Path(root)
-    if not root.is_dir():
-        return None
-    for torn in sorted(p for p in root.iterdir() if p.name.startswith(TMP_PREFIX)
-                       or (p.name.startswith(PREFIX) and not (p / MARKER).exists())):
-        logger.warning("checkpoint %s is incomplete (its write was interrupted): skipped", torn)
-    done = complete_checkpoints(root)
-    return done[-1] if done else None
+    warnings = recover_replaced(root)
+    if root.is_dir():
+        for torn in sorted(p for p in root.iterdir() if p.name.startswith(TMP_PREFIX)
+                           or (p.name.startswith(PREFIX) and not (p / MARKER).exists())):
+            warnings.append(f"checkpoint {torn} is incomplete (its write was interrupted): skipped")
+    unreadable = []
+    for ckpt in reversed(complete_checkpoints(root)):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            reason = "the newest complete checkpoint of this run folder"
+            if unreadable:
+                reason = f"the newest readable checkpoint of this run folder; {', '.join(unreadable)}"
+            if initial_load:
+                reason += f"; checkpoint.load={initial_load} is only for a run folder without one, so it is not used"
+            return ResumeChoice(str(ckpt), reason, warnings)
+        aside = set_aside_unreadable(ckpt)
+        warnings.append(f"checkpoint {ckpt} is unreadable ({problem}): set aside as {aside.name}; "
+                        f"falling back to the previous one")
+        unreadable.append(f"{ckpt.name} is unreadable")
+    none_here = "this run folder has no complete checkpoint" + (" left" if unreadable else "")
+    if initial_load:
+        problem = checkpoint_problem(initial_load)
+        if problem is not None:
+            raise CheckpointLoadError(f"checkpoint.load={initial_load} cannot be loaded: {problem} (it must be a "
+                                      f"complete step_N folder with {MARKER})")
+        return ResumeChoice(str(initial_load), f"checkpoint.load ({none_here} yet)", warnings)
+    return ResumeChoice(None, f"{none_here}: starting at step 0", warnings)
 
 
 def remove_torn(root) -> None:

@@ -103,7 +103,7 @@ class OptimSection:
 class CheckpointSection:
     every: int = 50  # steps; 0 = only at the end and on a signal
     keep: int = 3
-    load: str | None = None  # a checkpoint folder to start from; default: the newest under out_dir
+    load: str | None = None  # initial load: used only while out_dir holds no complete checkpoint of its own
 
 
 @dataclass
@@ -122,7 +122,8 @@ class ValidationSection:
 class LoggingSection:
     every: int = 10  # one-line summary on rank 0
     tensorboard: bool = True
-    progress_bar: bool = True
+    progress_bar: bool = True  # a tqdm bar on a terminal; elsewhere (a log file) a plain line every progress_every_s
+    progress_every_s: float = 30.0
     peak_tflops: float = 989.0  # per device, for MFU (H100 SXM dense bf16)
 
 

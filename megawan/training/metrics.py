@@ -1,7 +1,10 @@
-"""What the trainer shows: TensorBoard event files, a JSON-lines metrics file, a tqdm bar and summaries.
+"""What the trainer shows: TensorBoard event files, a JSON-lines metrics file, progress and summaries.
 
 Only global rank 0 writes. ``metrics.jsonl`` has one object per logged step (and one per validation), so
-curves can be read without TensorBoard.
+curves can be read without TensorBoard. A run that resumes at step S first drops every record after S (the
+steps it is about to redo) by rewriting the file atomically, and TensorBoard is told to purge its events
+after S, so each step appears once however often the run was restarted. Progress is a tqdm bar on a
+terminal and a plain line every ``logging.progress_every_s`` seconds otherwise (megawan.progress).
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from pathlib import Path
 import psutil
 import torch
 
+from megawan.progress import ProgressLine
+from megawan.utils import atomic_path
+
 logger = logging.getLogger("megawan.train")
 
 
@@ -25,23 +31,48 @@ def peak_memory_gib(device: torch.device) -> float:
     return psutil.Process().memory_info().rss / 2**30
 
 
+def drop_records_after(path: Path, step: int) -> int:
+    """Rewrite the JSON-lines file ``path`` without the records of steps after ``step`` (atomically: a crash
+    leaves the old file or the new one). Returns how many records were dropped."""
+    if not path.exists():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by a crash
+            dropped += 1
+            continue
+        if int(record.get("step", 0)) > step:
+            dropped += 1
+        else:
+            keep.append(line)
+    if dropped:
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in keep))
+    return dropped
+
+
 class MetricsLogger:
     def __init__(self, log_dir: Path, *, enabled: bool, total_steps: int, start_step: int, every: int,
-                 tensorboard: bool, progress_bar: bool):
+                 tensorboard: bool, progress_bar: bool, progress_every_s: float = 30.0):
         self.enabled, self.every = enabled, max(1, every)
-        self.writer = self.bar = self.file = None
+        self.writer = self.progress = self.file = None
         if not enabled:
             return
         log_dir.mkdir(parents=True, exist_ok=True)
+        dropped = drop_records_after(log_dir / "metrics.jsonl", start_step)
+        if dropped:
+            logger.info("metrics.jsonl: dropped %d record(s) after step %d (steps this run does again)", dropped,
+                        start_step)
         self.file = open(log_dir / "metrics.jsonl", "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(log_dir / "tensorboard"))
-        if progress_bar:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+            # events of steps after start_step (from a run that went further before it stopped) are dropped
+            self.writer = SummaryWriter(str(log_dir / "tensorboard"), purge_step=start_step + 1)
+        self.progress = ProgressLine(total_steps, initial=start_step, desc="train", unit="step",
+                                     every_s=progress_every_s, enabled=progress_bar, bar=None)
         self._t0 = time.monotonic()
 
     def log(self, step: int, metrics: dict, kind: str = "train") -> None:
@@ -54,9 +85,7 @@ class MetricsLogger:
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self.writer.add_scalar(f"{kind}/{k}", v, step)
         if kind == "train":
-            if self.bar is not None:
-                self.bar.update(step - self.bar.n)
-                self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+            self.progress.update(step, loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
             if step % self.every == 0:
                 self._summary(step, metrics)
         else:
@@ -82,8 +111,8 @@ class MetricsLogger:
                     f"(MFU {100 * m['mfu']:.1f}%), mem {m['memory_gib']:.1f} GiB")
 
     def _write(self, line: str) -> None:
-        if self.bar is not None:
-            self.bar.write(line)
+        if self.progress is not None and self.progress.is_bar:
+            self.progress.write(line)
         else:
             print(line, flush=True)
 
@@ -92,8 +121,8 @@ class MetricsLogger:
             self._write(line)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        if self.progress is not None:
+            self.progress.close()
         if self.writer is not None:
             self.writer.close()
         if self.file is not None:

@@ -7,14 +7,20 @@ megatron DDP; the DP x CP reduction and the TP reduction of sequence-parallel gr
 (a non-finite loss or gradient skips the step, counted; ``max_nonfinite_in_a_row`` stops the run);
 the distributed optimizer step (clipped by the global norm), the LR schedule and the EMA.
 Checkpoints every ``checkpoint.every`` steps, when the run ends (``run.steps`` reached, or
-``run.exit_after_steps`` done in this process), and at the next step boundary after SIGTERM or SIGUSR1
-(then the process exits 0).
+``run.exit_after_steps`` done in this process), and at the next step boundary after SIGTERM, SIGUSR1, a first
+Ctrl-C or the SLURM batch shell's stop file (then the process exits 0). A step's checkpoint is written before
+that step's validation and rollouts, and an evaluation that fails is logged and skipped, never fatal.
+
+Restarts: rank 0 takes the run folder's lock (a second run in the folder refuses at once), chooses the
+checkpoint to resume (the run's newest readable one; ``checkpoint.load`` only while the run has none) and
+broadcasts the choice; the first lines of the log say which and why.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -35,6 +41,7 @@ from megawan.training.budget import GIB, dit_flops, estimate_memory, suggest_lay
 from megawan.training.config import TrainConfig, dump_config
 from megawan.training.data import Batch, TrainingData, build_dataset, build_vae, latent_shape, validation_clips
 from megawan.training.metrics import MetricsLogger, peak_memory_gib
+from megawan.training.run_lock import RunFolderLocked, RunLock
 from megawan.training.signals import StopRequest
 from megawan.training.optim import EMA, build_optimizer, finish_grad_sync, grads_are_finite, wrap_ddp
 
@@ -46,6 +53,38 @@ class TrainingError(RuntimeError):
 
 class MemoryBudgetError(RuntimeError):
     """The layout needs more memory per rank than the device (or host) has."""
+
+
+class _ReadFailed(RuntimeError):
+    """A read of evaluation data failed on some rank; raised on every rank alike (the message names them)."""
+
+
+def _describe_failures(failed: list[tuple[int, str]]) -> str:
+    (rank, error), more = failed[0], len(failed) - 1
+    return f"{error} (rank {rank}" + (f" and {more} more" if more else "") + ")"
+
+
+class EvaluationDataError(ValueError):
+    """Validation or rollouts are switched on but their data cannot be used; found at start, not at step N."""
+
+
+def rollout_root(cfg: TrainConfig) -> tuple[str, str]:
+    """(the raw 1X split the rollouts read, why that one). Rollouts need videos and states: a latent cache as
+    ``validation.root`` (the 5B presets' set-up) leads to the raw split it was made from (its cache_config.json)."""
+    key = "validation.root" if cfg.validation.root else "data.root"
+    root = Path(cfg.validation.root or cfg.data.root)
+    if not (root / "index.json").is_file():
+        return str(root), key
+    made_from = {}
+    if (root / "cache_config.json").is_file():
+        made_from = json.loads((root / "cache_config.json").read_text())
+    raw = made_from.get("data") if made_from.get("source") == "1x" else None
+    if raw and Path(raw).is_dir():
+        return raw, f"the raw 1X split that {key}={root} (a latent cache) was made from"
+    where = f" made from {raw}, which is not there" if raw else ""
+    raise EvaluationDataError(f"validation.rollout_every needs raw 1X clips (videos and states), but {key}={root} "
+                              f"is a latent cache{where}: point validation.root at a raw 1X split (e.g. val_v2.0_raw) "
+                              f"or set validation.rollout_every 0")
 
 
 def model_config(cfg: TrainConfig) -> WanDiTConfig:
@@ -108,7 +147,10 @@ def _derive_seed(*parts: int) -> int:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, stop: StopRequest | None = None):
-        self.stop = stop or StopRequest().install()  # before the slow start-up: no signal is lost
+        # before the slow start-up: no signal is lost. One given by the caller (megawan.train.main) stays
+        # installed after fit: a second Ctrl-C while the process winds down must still stop it in one line
+        self._owns_stop = stop is None
+        self.stop = stop or StopRequest().install()
         self.cfg = cfg
         self.out_dir = Path(cfg.run.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
@@ -121,6 +163,18 @@ class Trainer:
         self.groups = parallel_state.initialize(par.tp, par.cp, cp_impl=par.cp_impl, ulysses_size=par.ulysses_size,
                                                 seed=cfg.run.seed)
         self.rank = dist.get_rank()
+        self._lock = RunLock(self.out_dir)
+        self._on_rank0(self._lock.acquire)  # before anything reads or writes the folder: refused at once
+        self.stop.on_abort(self._lock.release)
+        try:
+            self.resume_choice = self._on_rank0(self._choose_resume_point)
+            self._build(cfg, world)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, cfg: TrainConfig, world: int) -> None:
+        par = cfg.parallel
         check_memory(cfg, self.dit_config, world, self.groups.device)
 
         dtype = getattr(torch, cfg.model.dtype)
@@ -151,7 +205,41 @@ class Trainer:
         self.nonfinite_total = 0
         self.nonfinite_in_a_row = 0
         self._val_cache: list | None = None
+        self._val_dataset = None
         self._rollout_clips: list | None = None
+        self._rollout_vae = None
+        self._open_evaluation_data()
+
+    # ---- rank 0 decides, every rank follows -----------------------------------------------------
+
+    def _on_rank0(self, fn):
+        """``fn()`` on rank 0; every rank returns its result, or raises its error (a refusal, a bad path)."""
+        payload: list = [None]
+        error = None
+        if self.rank == 0:
+            try:
+                payload[0] = ("ok", fn())
+            except Exception as e:  # noqa: BLE001 - every rank must hear of it, or the others wait forever
+                error = e
+                known = isinstance(e, (RunFolderLocked, FileNotFoundError, ValueError))
+                payload[0] = ("error", e if known else RuntimeError(f"rank 0: {type(e).__name__}: {e}"))
+        dist.broadcast_object_list(payload, src=0, device=self.groups.device)
+        status, value = payload[0]
+        if status == "error":
+            raise error if error is not None else value
+        return value
+
+    def close(self) -> None:
+        """Release the run folder (``fit`` does it when it ends; call it for a Trainer that never fits)."""
+        if self.rank == 0:
+            self._lock.release()
+
+    def _choose_resume_point(self) -> checkpointing.ResumeChoice:
+        choice = checkpointing.choose_resume_point(self.ckpt_dir, self.cfg.checkpoint.load)
+        for line in choice.warnings:
+            logger.warning(line)
+        logger.info("resume: %s (%s)", choice.path or "none", choice.reason)
+        return choice
 
     # ---- one step ------------------------------------------------------------------------------
 
@@ -225,16 +313,94 @@ class Trainer:
 
     # ---- validation -----------------------------------------------------------------------------
 
+    def _open_evaluation_data(self) -> None:
+        """Open what validation and rollouts read, now rather than at their first step: a wrong folder, a cache
+        where raw clips are needed, or a clip that cannot be read fails the start with one line."""
+        vcfg, data_cfg = self.cfg.validation, self.cfg.data
+        if vcfg.every:
+            key = "validation.root" if vcfg.root else "data.root"
+            try:
+                self._val_dataset = build_dataset(data_cfg, vcfg.root) if vcfg.root else self.data.dataset
+                if len(self._val_dataset) == 0:
+                    raise ValueError("it holds no clips")
+                self._val_dataset[validation_clips(len(self._val_dataset), vcfg.num_clips)[0]]
+            except Exception as e:  # noqa: BLE001 - any failure to read it is a bad validation source
+                raise EvaluationDataError(f"validation.every={vcfg.every}: {key}={vcfg.root or data_cfg.root} "
+                                          f"cannot be read for validation ({type(e).__name__}: {e})") from e
+        if vcfg.rollout_every:
+            root, why = rollout_root(self.cfg)
+            try:
+                dataset = build_dataset(dataclasses.replace(data_cfg, source="1x"), root)
+                # raw clips (video + states) of the held-out split, read once and kept
+                self._rollout_clips = [dataset[i] for i in validation_clips(len(dataset), vcfg.rollout_clips)]
+                if not self._rollout_clips:
+                    raise ValueError("it holds no clips")
+            except Exception as e:  # noqa: BLE001
+                raise EvaluationDataError(f"validation.rollout_every={vcfg.rollout_every}: the rollouts' clips "
+                                          f"({why}: {root}) cannot be read ({type(e).__name__}: {e})") from e
+            if self.data.vae is None and data_cfg.vae != "tiny" and not Path(data_cfg.vae).exists():
+                raise EvaluationDataError(f"validation.rollout_every={vcfg.rollout_every}: the rollouts encode and "
+                                          f"decode with data.vae={data_cfg.vae}, which does not exist")
+            logger.info("rollouts: %d clip(s) from %s (%s)", len(self._rollout_clips), root, why)
+
+    def _failures(self, error: str | None) -> list[tuple[int, str]]:
+        """Collective: (rank, error) of every rank whose ``error`` is not None."""
+        errors: list = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        return [(r, e) for r, e in enumerate(errors) if e is not None]
+
+    def _read_on_every_rank(self, read):
+        """``read()`` (no collective inside: a file, a decode, a load) on every rank, then agree: if it failed on
+        any rank, every rank raises the same _ReadFailed here, so none is left waiting in the collective that
+        would come next (the evaluation then fails as a whole and training goes on)."""
+        try:
+            value, error = read(), None
+        except Exception as e:  # noqa: BLE001
+            value, error = None, f"{type(e).__name__}: {e}"
+        failed = self._failures(error)
+        if failed:
+            raise _ReadFailed(_describe_failures(failed))
+        return value
+
+    def _evaluate(self, kind: str, run, log) -> None:
+        """Run one evaluation (``run()`` -> result, ``log(result)``); a failure is logged on rank 0 and recorded
+        in metrics.jsonl (``kind: {kind}_error``), and training goes on.
+
+        Every read inside an evaluation is agreed on by all ranks (``_read_on_every_rank``), so a bad clip or
+        file on one rank makes all ranks skip together. A failure inside the evaluation's collectives on one
+        rank only (e.g. out of memory on one GPU) cannot be survived this way: the others would wait in the
+        collective until the process group's timeout ends the job (the step's checkpoint is already written).
+        """
+        try:
+            result, error = run(), None
+        except _ReadFailed as e:
+            result, error = None, f"agreed:{e}"
+        except Exception as e:  # noqa: BLE001 - an evaluation must never end the run
+            result, error = None, f"{type(e).__name__}: {e}"
+        failed = self._failures(error)
+        if not failed:
+            log(result)
+            return
+        self.model.train()
+        if kind == "validation":
+            self._val_cache = None  # read again next time
+        agreed = [e[len("agreed:"):] for _, e in failed if e.startswith("agreed:")]
+        message = agreed[0] if agreed else _describe_failures(failed)
+        if self.rank == 0:
+            logger.warning("step %d: %s failed: %s; training goes on", self.step, kind, message)
+        self._log.log(self.step, {"error": message}, kind=f"{kind}_error")
+
     @torch.no_grad()
     def validate(self) -> dict:
         """Loss at fixed sigmas on fixed held-out clips with fixed noise (the same every time)."""
         vcfg = self.cfg.validation
         if self._val_cache is None:
-            dataset = build_dataset(self.cfg.data, vcfg.root) if vcfg.root else self.data.dataset
+            dataset = self._val_dataset if self._val_dataset is not None else (
+                build_dataset(self.cfg.data, vcfg.root) if vcfg.root else self.data.dataset)
             items = validation_clips(len(dataset), vcfg.num_clips)
             self._val_cache = []
             for item in items:
-                raw = dataset[item]
+                raw = self._read_on_every_rank(lambda: dataset[item])
                 raw = {k: (v[None] if torch.is_tensor(v) else [v]) for k, v in raw.items() if k != "skipped"}
                 self._val_cache.append((item, self.data.to_batch(raw)))  # every rank: the VAE call is collective
         self.model.eval()
@@ -267,20 +433,27 @@ class Trainer:
 
         vcfg, data_cfg = self.cfg.validation, self.cfg.data
         if self._rollout_clips is None:  # raw clips (video + states) of the held-out split, read once
-            dataset = build_dataset(dataclasses.replace(data_cfg, source="1x"), vcfg.root or data_cfg.root)
-            self._rollout_clips = [dataset[i] for i in validation_clips(len(dataset), vcfg.rollout_clips)]
-        vae = self.data.vae if self.data.vae is not None else build_vae(data_cfg, self.groups.device)
+            def read():
+                dataset = build_dataset(dataclasses.replace(data_cfg, source="1x"), rollout_root(self.cfg)[0])
+                return [dataset[i] for i in validation_clips(len(dataset), vcfg.rollout_clips)]
+
+            self._rollout_clips = self._read_on_every_rank(read)
+        if self._rollout_vae is None:  # the training data's VAE, or (latent cache) one loaded once and kept
+            self._rollout_vae = self.data.vae if self.data.vae is not None else \
+                self._read_on_every_rank(lambda: build_vae(data_cfg, self.groups.device))
         context = 4 * (self.cfg.objective.clean_frames - 1) + 1  # K clean latent frames <- 4 (K - 1) + 1 frames
-        return evaluate_rollouts(self.model, vae, self._rollout_clips, self.groups, text=self.data.empty_text,
+        return evaluate_rollouts(self.model, self._rollout_vae, self._rollout_clips, self.groups,
+                                 text=self.data.empty_text,
                                  config=SamplingConfig(steps=vcfg.rollout_steps, guidance=1.0),
                                  context_frames=context, seed=vcfg.seed)
 
     # ---- checkpoints ----------------------------------------------------------------------------
 
     def _common_state(self) -> dict:
+        # both non-finite counters: a resume must not forget that the last steps were already non-finite
         return {"step": self.step, "scheduler": self.scheduler.state_dict(), "data": self.data.state_dict(),
-                "nonfinite_total": self.nonfinite_total, "model_config": dataclasses.asdict(self.dit_config),
-                "config": self.cfg.to_dict()}
+                "nonfinite_total": self.nonfinite_total, "nonfinite_in_a_row": self.nonfinite_in_a_row,
+                "model_config": dataclasses.asdict(self.dit_config), "config": self.cfg.to_dict()}
 
     def save(self) -> Path:
         path = checkpointing.save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, self.groups,
@@ -290,13 +463,10 @@ class Trainer:
         return path
 
     def resume(self) -> Path | None:
-        path = Path(self.cfg.checkpoint.load) if self.cfg.checkpoint.load else \
-            checkpointing.find_resume_point(self.ckpt_dir)
-        if path is None:
+        """Load the checkpoint rank 0 chose at start (``self.resume_choice``, the same on every rank)."""
+        if self.resume_choice.path is None:
             return None
-        if not (path / checkpointing.MARKER).exists():
-            raise FileNotFoundError(f"checkpoint.load={path} is not a complete megawan checkpoint "
-                                    f"(no {checkpointing.MARKER})")
+        path = Path(self.resume_choice.path)
         common = checkpointing.load_checkpoint(path, self.model, self.optimizer, self.groups, ema=self.ema)
         saved = WanDiTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in common["model_config"].items()})
         if saved != self.dit_config:
@@ -306,6 +476,7 @@ class Trainer:
         self.scheduler.load_state_dict(common["scheduler"])
         self.data.load_state_dict(common["data"])
         self.nonfinite_total = int(common.get("nonfinite_total", 0))
+        self.nonfinite_in_a_row = int(common.get("nonfinite_in_a_row", 0))  # 0 in checkpoints of older megawan
         return path
 
     # ---- signals --------------------------------------------------------------------------------
@@ -328,25 +499,37 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg = self.cfg
+        try:
+            return self._fit(cfg)
+        finally:
+            if self._owns_stop:
+                self.stop.restore()
+            self.close()
+
+    def _fit(self, cfg: TrainConfig) -> dict:
         resumed = self.resume()
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "resolved_config.yaml").write_text(dump_config(cfg))
             checkpointing.remove_torn(self.ckpt_dir)
         dist.barrier()
-        log = MetricsLogger(self.out_dir / "logs", enabled=self.rank == 0, total_steps=cfg.run.steps,
-                            start_step=self.step, every=cfg.logging.every, tensorboard=cfg.logging.tensorboard,
-                            progress_bar=cfg.logging.progress_bar)
+        # metrics.jsonl / TensorBoard drop what came after this step: the steps about to be redone
+        log = self._log = MetricsLogger(
+            self.out_dir / "logs", enabled=self.rank == 0, total_steps=cfg.run.steps, start_step=self.step,
+            every=cfg.logging.every, tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar,
+            progress_every_s=cfg.logging.progress_every_s)
         log.message(f"megawan train: tp={self.groups.tp} cp={self.groups.cp} ({cfg.parallel.cp_impl}) "
                     f"dp={self.groups.dp} "
                     f"(sequence parallel {self.model.sequence_parallel}), {self.tokens} tokens/sample, "
                     f"dtype {cfg.model.dtype}, residual stream {cfg.model.residual_dtype}, fp8 {cfg.model.fp8}, "
-                    f"compiled blocks {self.model.backend.compile_blocks}, steps {self.step} -> {cfg.run.steps}"
-                    + (f", resumed from {resumed}" if resumed else ""))
+                    f"compiled blocks {self.model.backend.compile_blocks}, steps {self.step} -> {cfg.run.steps}, "
+                    + (f"resumed from {resumed}" if resumed else "from step 0")
+                    + f" ({self.resume_choice.reason})")
         batches = self.data.batches()
         preempted = False
         last: dict = {}
         first_step = self.step
+        path, saved_at = resumed, None
         try:
             while self.step < cfg.run.steps:
                 if self._agree_to_stop():
@@ -362,18 +545,24 @@ class Trainer:
                 last = self._step_metrics(metrics, seconds, sum(b.size for b in micro) * self.groups.dp)
                 last["skipped_inputs"] = sum(self.data.skip_counts.values())
                 log.log(self.step, last)
+                # the step's checkpoint first: what follows (validation, rollouts) may take long or fail
+                final = self.step >= cfg.run.steps or (
+                    cfg.run.exit_after_steps and self.step - first_step >= cfg.run.exit_after_steps)
+                if final or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
+                    path, saved_at = self.save(), self.step
                 if cfg.validation.every and self.step % cfg.validation.every == 0:
-                    log.log(self.step, self.validate(), kind="validation")
+                    self._evaluate("validation", self.validate,
+                                   lambda result: log.log(self.step, result, kind="validation"))
                 if cfg.validation.rollout_every and self.step % cfg.validation.rollout_every == 0:
-                    log.log_rollouts(self.step, self.rollouts())
-                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.run.steps:
-                    self.save()
+                    self._evaluate("rollouts", self.rollouts, lambda result: log.log_rollouts(self.step, result))
             # a rerun of a finished run does nothing: its newest checkpoint stays the answer
-            path = self.save() if self.step > first_step or resumed is None else resumed
+            if saved_at != self.step and (self.step > first_step or resumed is None):
+                path, saved_at = self.save(), self.step
         finally:
-            self.stop.restore()
             log.close()
         if preempted and self.rank == 0:
-            print(f"preempted: checkpoint {path} written at step {self.step}; rerun the same command to resume",
+            what = f"checkpoint {path} written at step {self.step}" if saved_at == self.step else \
+                f"nothing new since checkpoint {path} (step {self.step})"
+            print(f"preempted: {what}; rerun the same command to resume (stop requested by {self.stop.signal_name})",
                   flush=True)
         return {"step": self.step, "checkpoint": str(path) if path else None, "preempted": preempted, **last}
