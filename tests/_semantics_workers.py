@@ -140,7 +140,6 @@ def _val_clips(trainer, count: int) -> list[tuple[int, dict]]:
     return [(i, ds[i]) for i in validation_clips(len(ds), count)]
 
 
-@torch.no_grad()
 def validate_by_hand(overrides: dict, steps: int = 1) -> dict:
     """``Trainer.validate()`` after ``steps`` training steps, beside the same number computed here from its
     definition: each held-out clip encoded, x_t = (1 - s) x0 + s noise with the first K latent frames clean
@@ -149,13 +148,13 @@ def validate_by_hand(overrides: dict, steps: int = 1) -> dict:
     (validation.seed, item, j). Every rank reports both."""
     import numpy as np
 
-    trainer = Trainer(load_config("tiny_1x", overrides))
-    with torch.enable_grad():
-        batches = trainer.data.batches()
-        for _ in range(steps):
-            trainer.train_step([next(batches)])
-            trainer.step += 1
+    trainer = Trainer(load_config("tiny_1x", overrides))  # builds megatron DDP: not under no_grad
+    batches = trainer.data.batches()
+    for _ in range(steps):
+        trainer.train_step([next(batches)])
+        trainer.step += 1
     got = trainer.validate()
+    torch.set_grad_enabled(False)
     cfg, model, vae = trainer.cfg, trainer.model.eval(), trainer.data.vae
     k = cfg.objective.clean_frames
     pt, ph, pw = model.config.patch_size
@@ -184,7 +183,6 @@ def validate_by_hand(overrides: dict, steps: int = 1) -> dict:
 PLANTS = ("none", "context_frames", "states_shifted", "baseline_frame")
 
 
-@torch.no_grad()
 def rollout_plants(overrides: dict) -> dict:
     """The trainer's rollout scores as wired, and with one known off-by-one planted at a time, beside a
     reference wired here from the 1X definition: the context is the 4 (K - 1) + 1 video frames of the K clean
@@ -198,7 +196,8 @@ def rollout_plants(overrides: dict) -> dict:
     from megawan.pipelines.sampling import SamplingConfig
     from megawan.pipelines.video_out import decode_frames, to_uint8
 
-    trainer = Trainer(load_config("tiny_1x", overrides))
+    trainer = Trainer(load_config("tiny_1x", overrides))  # builds megatron DDP: not under no_grad
+    torch.set_grad_enabled(False)
     cfg = trainer.cfg
     gen = torch.Generator().manual_seed(5)
     for p in trainer.model.state_embedding.parameters():

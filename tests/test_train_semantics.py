@@ -156,18 +156,20 @@ def test_validation_needs_a_held_out_split():
 
 
 def test_validate_computes_the_defined_loss_in_every_layout(data_root, tmp_path):
-    """validate() after one step equals the held-out loss computed from its definition, on one rank and on
-    every rank of TP2 x DP2 (the clips split over the replicas)."""
+    """validate() after one step (global batch 2) equals the held-out loss computed from its definition, on
+    one rank and on every rank of TP2 x DP2 (the clips split over the replicas); the layouts agree within
+    what one Adam step's rounding leaves (1e-4)."""
     over = dict(**{"validation.num_clips": 2, "objective.clean_frames": 2, "data.clip_frames": 13})
-    one = run_distributed(sw.validate_by_hand, 1, _tiny(data_root, tmp_path / "one", **over))[0]
-    assert one["validate"]["loss"] == pytest.approx(one["by_hand"]["loss"], rel=1e-5)
-    for key, v in one["by_hand"].items():
-        assert one["validate"][key] == pytest.approx(v, rel=1e-5), key
+    one = run_distributed(sw.validate_by_hand, 1, _tiny(data_root, tmp_path / "one", **over, **{
+        "data.batch_size": 2}))[0]
     four = run_distributed(sw.validate_by_hand, 4, _tiny(data_root, tmp_path / "four", **over, **{
         "parallel.tp": 2}), timeout_s=900)
+    for r in [one, *four]:
+        for key, v in r["by_hand"].items():
+            assert r["validate"][key] == pytest.approx(v, rel=1e-5), (r["rank"], key)
     for r in four:
         for key, v in one["validate"].items():
-            assert r["validate"][key] == pytest.approx(v, rel=1e-5), (r["rank"], key)
+            assert r["validate"][key] == pytest.approx(v, rel=1e-4), (r["rank"], key)
 
 
 def test_in_training_rollouts_score_the_right_frames(data_root, tmp_path):
