@@ -2,7 +2,7 @@
 
 For each preset (8 GPUs, bf16 GEMMs, EMA on, SP on) and a few layouts: parameters held per rank, bf16/fp32
 weights, the fp32 grad buffer, the distributed optimizer's shard (fp32 master + Adam m, v: 12 B/param over
-dp x cp ranks), the EMA's replicated fp32 copy, activations without recomputation, with "full" (the
+dp x cp ranks), the EMA's fp32 shard (4 B/param over the same ranks), activations without recomputation, with "full" (the
 presets' setting) and with "selective" recomputation in every block, and the totals. GiB.
 
     python bench/train_memory.py

@@ -41,7 +41,7 @@ def loaded_back(argv, case, official_export):
     exported = WanDiT.from_pretrained(official_export, groups=trainer.groups, runtime=DiTRuntime()).eval()
     out["official"] = exported(x, t, text, states=states)
     if trainer.ema is not None:
-        out["ema"] = {name: v.clone() for name, v in trainer.ema.named_tensors()}
+        out["ema"] = trainer.ema.full_tensors()  # tp = 1: whole tensors
         for name, p in model.named_parameters():
             p.copy_(out["ema"][name])
         out["ema_out"] = model(x, t, text, states=states)

@@ -13,7 +13,8 @@ from tests._dit_workers import _grad_full
 
 def fp8_backward_layouts(ckpt_dir, case, weight, fp8, layouts):
     """Per (tp, cp, sequence_parallel) layout, bf16 weights and GEMMs in ``fp8`` mode: loss = sum(out * weight);
-    rank 0 returns {layout: (output, latent grad, full parameter grads)}."""
+    every rank returns {layout: (output, latent grad, full parameter grads)} as it holds them (the output and
+    latent grad complete on every rank, the TP-split grads gathered)."""
     results = {}
     for tp, cp, sp in layouts:
         groups = parallel_state.initialize(tp, cp)
@@ -28,4 +29,4 @@ def fp8_backward_layouts(ckpt_dir, case, weight, fp8, layouts):
         grads = {n: _grad_full(p, groups).float() for n, p in model.named_parameters()}
         results[(tp, cp, sp)] = (out.detach().float().cpu(), x.grad.float().cpu().clone(), grads)
         del model
-    return results if dist.get_rank() == 0 else None
+    return results

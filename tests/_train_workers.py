@@ -54,18 +54,27 @@ def _full_params(trainer) -> dict:
 
 
 def train(overrides: dict, return_params: bool = True):
-    """Run (or resume) a training run; rank 0 returns its losses, final full weights and the result."""
+    """Run (or resume) a training run; every rank returns its full weights (its TP slices gathered) and the
+    result, rank 0 also the losses and grad norms of metrics.jsonl."""
     trainer = Trainer(load_config("tiny_1x", overrides))
     result = trainer.fit()
     params = _full_params(trainer) if return_params else None  # collective over TP
-    out = None
+    g = trainer.groups
+    out = {"rank": dist.get_rank(), "tp_rank": g.tp_rank, "cp_rank": g.cp_rank, "dp_rank": g.dp_rank,
+           "params": params, "result": result, "nonfinite": trainer.nonfinite_total}
     if dist.get_rank() == 0:
         out_dir = overrides["run"]["out_dir"]
-        out = {"losses": _train_records(out_dir), "grad_norms": _train_records(out_dir, "grad_norm"),
-               "params": params, "result": result,
-               "nonfinite": trainer.nonfinite_total}
+        out.update(losses=_train_records(out_dir), grad_norms=_train_records(out_dir, "grad_norm"))
     parallel_state.destroy()
     return out
+
+
+def initial_weights(overrides: dict) -> dict:
+    """The full weights a run starts from (built, not trained)."""
+    trainer = Trainer(load_config("tiny_1x", overrides))
+    params = _full_params(trainer)
+    parallel_state.destroy()
+    return params
 
 
 def train_with_signal(overrides: dict, at_step: int, signum: int):

@@ -186,10 +186,23 @@ def test_auto_linears_resolve_to_local_for_native_fp8():
 
 # ---- layouts ------------------------------------------------------------------------------------
 
+# FP8 in one layout against FP8 in another (scales are per rank, so the layouts round slightly differently),
+# measured on the 2-core CPU VM for this case, worst of TP2 x CP2 and TP2 (python -m pytest ... -k tp2_cp2_fp8):
+#   output 2.9e-3, latent gradient 6.9e-3, all parameter gradients together 8.9e-3 (tensorwise) / 6.2e-3
+#   (rowwise); per tensor up to 8.8e-2 (tensorwise) / 4.8e-2 (rowwise), small cross-attention k gradients,
+#   which differ by 1.7e-2 between these layouts even without FP8 (bf16 rounding).
+# The bounds are about twice those figures, 1.5x for the noisy worst single tensor (the FP8-vs-bf16 bounds
+# above, which this test used before, are ~15x looser on the output).
+LAYOUT_OUT_BOUND = 6e-3
+LAYOUT_XGRAD_BOUND = 1.4e-2
+LAYOUT_GRADS_BOUND = {"native-tensorwise": 1.8e-2, "native-rowwise": 1.3e-2}  # all parameter gradients
+LAYOUT_GRAD_BOUND = {"native-tensorwise": 0.13, "native-rowwise": 0.07}  # the worst single tensor
+
+
 def test_tp2_cp2_fp8_matches_tp1_fp8(tmp_path):
     """Per native mode: TP2 x CP2 (SP: gathered inputs, reduce-scattered input grads) and TP2 without SP
-    (all-reduced input grads) in FP8 = TP1 in FP8 within the FP8 bounds (scales are per rank, so the
-    layouts round slightly differently)."""
+    (all-reduced input grads) in FP8 = TP1 in FP8 within the measured layout-to-layout FP8 figures (above),
+    on every rank."""
     from tests._fp8_workers import fp8_backward_layouts
 
     torch.manual_seed(0)
@@ -198,13 +211,17 @@ def test_tp2_cp2_fp8_matches_tp1_fp8(tmp_path):
     weight = torch.randn(1, TINY.out_channels, 2, 4, 6, generator=torch.Generator().manual_seed(3))
     for mode in NATIVE:
         layouts = [(1, 1, False), (2, 2, True), (2, 1, False)]
-        res = run_distributed(fp8_backward_layouts, 4, str(tmp_path), case, weight, mode, layouts)[0]
-        o1, gx1, g1 = res[layouts[0]]
-        for layout in layouts[1:]:
-            o, gx, g = res[layout]
-            assert rel_err(o, o1) < MODEL_BOUND and rel_err(gx, gx1) < MODEL_BOUND, (mode, layout)
-            errs = {k: rel_err(g[k], g1[k]) for k in g1}
-            assert max(errs.values()) < GRAD_BOUND[mode], (mode, layout, errs)
+        every = run_distributed(fp8_backward_layouts, 4, str(tmp_path), case, weight, mode, layouts)
+        o1, gx1, g1 = every[0][layouts[0]]
+        everything = lambda grads: torch.cat([grads[k].flatten() for k in sorted(grads)])  # noqa: E731
+        for rank, res in enumerate(every):
+            for layout in layouts:
+                o, gx, g = res[layout]
+                assert rel_err(o, o1) < LAYOUT_OUT_BOUND, (mode, rank, layout, rel_err(o, o1))
+                assert rel_err(gx, gx1) < LAYOUT_XGRAD_BOUND, (mode, rank, layout, rel_err(gx, gx1))
+                assert rel_err(everything(g), everything(g1)) < LAYOUT_GRADS_BOUND[mode], (mode, rank, layout)
+                errs = {k: rel_err(g[k], g1[k]) for k in g1}
+                assert max(errs.values()) < LAYOUT_GRAD_BOUND[mode], (mode, rank, layout, errs)
 
 
 # ---- training and checkpoints -------------------------------------------------------------------

@@ -151,3 +151,49 @@ def test_cli_reports_a_bad_checkpoint_in_one_line(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 3
     assert "is not a megawan checkpoint folder" in r.stdout and "Traceback" not in r.stdout + r.stderr
+
+
+@pytest.fixture(scope="module")
+def bf16_run(run, tmp_path_factory):
+    """A bf16 run (bf16 weights, fp32 master weights in the distributed optimizer) with an EMA at TP2, its fp32
+    and EMA exports, and the trainer's own master weights and EMA gathered from every rank's shards."""
+    from tests import _semantics_workers as sw
+    from tests import _train_workers as tw
+
+    root = tmp_path_factory.mktemp("bf16")
+    data = run["root"] / "data" / "train_v2.0_raw"
+    over = tw.tiny_overrides(data, root / "run", **{
+        "run.steps": 3, "parallel.tp": 2, "parallel.cp": 1, "model.dtype": "bfloat16", "model.state_dim": 0,
+        "data.clip_frames": 9, "data.size": [32, 32], "data.empty_prompt": None, "optim.ema_decay": 0.9,
+        "validation.rollout_every": 0})
+    reports = run_distributed(sw.train, 2, over, timeout_s=600)
+    ckpt = reports[0]["result"]["checkpoint"]
+    jobs = [dict(out=root / "fp32", layout="official"), dict(out=root / "ema", layout="official", ema=True)]
+    run_distributed(workers.export, 1, ckpt, jobs, 1, timeout_s=300)
+    return {"root": root, "reports": reports}
+
+
+def _by_param(written: dict, name: str) -> torch.Tensor:
+    """The exported tensor(s) of one megawan parameter (a fused q/k/v parameter: its three release tensors)."""
+    return torch.cat([written[k] for k in official_keys(name)], dim=0)
+
+
+def test_fp32_export_of_a_bf16_run_holds_the_master_weights(bf16_run):
+    written = load_file(bf16_run["root"] / "fp32" / "diffusion_pytorch_model.safetensors")
+    for report in bf16_run["reports"]:  # both TP ranks gathered the same master weights
+        master, weights = report["master"], report["weights"]
+        rounded = 0
+        for name, m in master.items():
+            t = _by_param(written, name)
+            assert t.dtype == torch.float32 and torch.equal(t, m), name
+            rounded += int(not torch.equal(t, weights[name]))
+        # the bf16 GEMM weights are the master weights rounded: the export is not those
+        assert rounded > 0 and any(not torch.equal(m, m.bfloat16().float()) for m in master.values())
+
+
+def test_ema_export_holds_the_ema_of_the_master_weights(bf16_run):
+    written = load_file(bf16_run["root"] / "ema" / "diffusion_pytorch_model.safetensors")
+    for report in bf16_run["reports"]:
+        for name, e in report["ema"].items():
+            assert torch.equal(_by_param(written, name), e), name
+        assert any(not torch.equal(report["ema"][n], report["master"][n]) for n in report["ema"])

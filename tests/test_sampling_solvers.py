@@ -18,13 +18,25 @@ def fixed_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.tanh(x) * (t / 1000) + _A.to(x.dtype) * torch.cos(t / 300)
 
 
+# Wan 2.2's scheduler config as diffusers ships it (scheduler_config.json of the -Diffusers release)
+WAN_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, use_flow_sigmas=True, prediction_type="flow_prediction",
+                            solver_order=2, solver_type="bh2", predict_x0=True, lower_order_final=True,
+                            final_sigmas_type="zero")
+
+
+def release_sigma_max() -> float:
+    """The release scheduler's first sigma: entry 0 of its training table, built as its __init__ builds it
+    (1 - linspace(1, 1/1000, 1000) reversed, stored as a float32 tensor, read back with .item())."""
+    table = 1.0 - np.linspace(1, 1 / 1000, 1000)[::-1].copy()
+    return torch.from_numpy(table).to(torch.float32)[0].item()
+
+
 def diffusers_unipc(steps, shift, schedule, order=2):
     from diffusers import UniPCMultistepScheduler
 
-    ref = UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=shift,
-                                  solver_order=order, solver_type="bh2", predict_x0=True)
-    if schedule == "release":  # the release's unshifted spacing, 0.999 -> 0; diffusers applies the shift
-        ref.set_timesteps(sigmas=np.linspace(0.999, 0.0, steps + 1)[:-1])
+    ref = UniPCMultistepScheduler(**{**WAN_SCHEDULER_CONFIG, "solver_order": order}, flow_shift=shift)
+    if schedule == "release":  # the release's unshifted spacing from its table's start; diffusers shifts
+        ref.set_timesteps(sigmas=np.linspace(release_sigma_max(), 0.0, steps + 1)[:-1])
     else:
         ref.set_timesteps(steps)
     return ref
@@ -60,10 +72,23 @@ def test_unipc_order3_matches_diffusers():
     assert (x - y).abs().max().item() <= 1e-12
 
 
+def test_release_timesteps_match_the_released_scheduler_over_a_grid():
+    """Sigmas and model timesteps of every schedule of 1-100 steps x shift 1-6 equal the released scheduler's
+    own (diffusers' UniPC in Wan's config, started where the release's float32 table starts). A start of
+    exactly 0.999 hands the model a timestep one lower in 28 of these 600 schedules."""
+    for steps in range(1, 101):
+        for shift in (1.0, 2.0, 3.0, 4.0, 5.0, 6.0):
+            ref = diffusers_unipc(steps, shift, "release")
+            sigmas, timesteps = flow_sigmas(steps, shift)
+            assert timesteps.tolist() == [float(t) for t in ref.timesteps.tolist()], (steps, shift)
+            assert torch.equal(sigmas, ref.sigmas), (steps, shift)
+    assert flow_sigmas(3, 1.0)[1].tolist() == [999.0, 666.0, 333.0]  # exactly 0.999 would give 665, 332
+
+
 def test_release_schedule_and_timesteps():
-    """The release: linspace(0.999, 0) unshifted, shift, trailing 0; timesteps int64(1000 sigma) from float64."""
+    """The release: linspace(float32(0.999), 0) unshifted, shift, trailing 0; timesteps int64(1000 sigma) from float64."""
     steps, shift = 50, 5.0
-    base = np.linspace(1 - 1 / 1000, 0, steps + 1)[:-1]
+    base = np.linspace(release_sigma_max(), 0, steps + 1)[:-1]
     shifted = shift * base / (1 + (shift - 1) * base)
     sigmas, timesteps = flow_sigmas(steps, shift)
     assert torch.equal(sigmas, torch.tensor(np.append(shifted, 0.0), dtype=torch.float32))

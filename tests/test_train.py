@@ -18,6 +18,7 @@ import shutil
 import signal
 
 import pytest
+import torch
 
 from megawan.testing import run_distributed
 from megawan.tools.make_sample_data import make_sample_data
@@ -55,18 +56,24 @@ def test_tp2_cp2_training_matches_single_process(data_root, tmp_path, four_ranks
     steps = 3
     one = run_distributed(w.train, 1, w.tiny_overrides(data_root, tmp_path / "one", **{
         "run.steps": steps, "parallel.tp": 1, "parallel.cp": 1}))[0]
-    four = run_distributed(w.train, 4, w.tiny_overrides(data_root, tmp_path / "four", **{
-        "run.steps": steps, "parallel.tp": 2, "parallel.cp": 2, **four_ranks}), timeout_s=1200)[0]
+    every = run_distributed(w.train, 4, w.tiny_overrides(data_root, tmp_path / "four", **{
+        "run.steps": steps, "parallel.tp": 2, "parallel.cp": 2, **four_ranks}), timeout_s=1200)
+    four = every[0]
     assert len(one["losses"]) == len(four["losses"]) == steps
     assert abs(four["losses"][0] - one["losses"][0]) <= LOSS_TOL * abs(one["losses"][0])
     for a, b in zip(four["grad_norms"], one["grad_norms"]):  # before clipping: the true global norm
         assert abs(a - b) <= 10 * LOSS_TOL * b, (four["grad_norms"], one["grad_norms"])
     for a, b in zip(four["losses"], one["losses"]):
         assert abs(a - b) <= 10 * LOSS_TOL * abs(b), (four["losses"], one["losses"])
-    err = _max_param_err(four["params"], one["params"])
-    assert err <= WEIGHT_TOL, err
-    # the weights did move: the comparison is not between two copies of the initial model
-    assert one["result"]["grad_norm"] > 0
+    for r in every:  # both TP ranks of both CP ranks hold the single-process weights
+        err = _max_param_err(r["params"], one["params"])
+        assert err <= WEIGHT_TOL, (r["rank"], err)
+    # the weights did move, every tensor by more than the tolerance (the least, a norm weight starting at 1,
+    # by 2.9e-3; most by 4-9e-2): a layout that left any tensor at its initial value would fail the comparison
+    start = run_distributed(w.initial_weights, 1, w.tiny_overrides(data_root, tmp_path / "start", **{
+        "parallel.tp": 1, "parallel.cp": 1}))[0]
+    moved = {k: _rel(one["params"][k], start[k]) for k in start}
+    assert min(moved.values()) > WEIGHT_TOL, min(moved.items(), key=lambda kv: kv[1])
 
 
 def test_resume_is_bitwise_equal_to_a_straight_run(data_root, tmp_path):
@@ -76,11 +83,13 @@ def test_resume_is_bitwise_equal_to_a_straight_run(data_root, tmp_path):
                                                           "run.exit_after_steps": 2})
     first = run_distributed(w.train, 2, split)[0]
     assert first["result"]["step"] == 2 and os.path.isdir(tmp_path / "b" / "checkpoints" / "step_00000002")
-    second = run_distributed(w.train, 2, split)[0]
+    seconds = run_distributed(w.train, 2, split)
+    second = seconds[0]
     assert second["result"]["step"] == 4
     assert second["losses"] == straight["losses"]  # metrics.jsonl appends: steps 1-2 then 3-4
-    for k, v in straight["params"].items():
-        assert (second["params"][k] == v).all(), k
+    for r in seconds:  # both TP ranks
+        for k, v in straight["params"].items():
+            assert (r["params"][k] == v).all(), (r["rank"], k)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +97,11 @@ def saved_at_tp2_dp2(data_root, tmp_path_factory):
     """A straight 3-step run at TP2 x CP1 x DP2, and the same run stopped (checkpointed) after step 2."""
     root = tmp_path_factory.mktemp("reshard")
     base = {"run.steps": 3, "parallel.tp": 2, "parallel.cp": 1}
-    straight = run_distributed(w.train, 4, w.tiny_overrides(data_root, root / "straight", **base))[0]
+    everyone = run_distributed(w.train, 4, w.tiny_overrides(data_root, root / "straight", **base))
+    straight = everyone[0]
+    for r in everyone[1:]:  # the other TP rank and the second DP replica hold the same weights
+        for k, v in straight["params"].items():
+            assert torch.equal(r["params"][k], v), (r["rank"], k)
     run_distributed(w.train, 4, w.tiny_overrides(data_root, root / "saved", **base, **{"run.exit_after_steps": 2}),
                     False)
     return straight, root / "saved"
@@ -100,12 +113,15 @@ def test_resume_into_another_layout(data_root, saved_at_tp2_dp2, tmp_path, tp, c
     straight, saved = saved_at_tp2_dp2
     shutil.copytree(saved, tmp_path / "re")
     batch = 2 // (world // (tp * cp))
-    resumed = run_distributed(w.train, world, w.tiny_overrides(data_root, tmp_path / "re", **{
-        "run.steps": 3, "parallel.tp": tp, "parallel.cp": cp, "data.batch_size": batch}))[0]
+    every = run_distributed(w.train, world, w.tiny_overrides(data_root, tmp_path / "re", **{
+        "run.steps": 3, "parallel.tp": tp, "parallel.cp": cp, "data.batch_size": batch}))
+    resumed = every[0]
     assert resumed["result"]["step"] == 3
     assert abs(resumed["losses"][-1] - straight["losses"][-1]) <= LOSS_TOL * abs(straight["losses"][-1])
-    # the step after the resume used the restored Adam moments: the weights follow the straight run
-    assert _max_param_err(resumed["params"], straight["params"]) <= WEIGHT_TOL
+    # the step after the resume used the restored Adam moments: the weights follow the straight run, on
+    # every TP / CP rank and DP replica
+    for r in every:
+        assert _max_param_err(r["params"], straight["params"]) <= WEIGHT_TOL, r["rank"]
 
 
 def test_a_rank_killed_during_a_checkpoint_write_leaves_the_last_one_loadable(data_root, tmp_path, caplog):
@@ -197,8 +213,6 @@ def test_a_bad_layout_is_refused_before_any_compute(capsys):
 def test_the_5b_on_a_24_gib_host_is_refused_naming_the_figures(monkeypatch):
     from megawan.training import trainer
 
-    import torch
-
     # the preset's model and sample shape, without the released files (no download here)
     cfg = load_config("ti2v5b_1x", {"model": {"init": None, "dit": "wan2.2-ti2v-5b",
                                               "activation_checkpointing": False},
@@ -209,12 +223,13 @@ def test_the_5b_on_a_24_gib_host_is_refused_naming_the_figures(monkeypatch):
     msg = str(e.value)
     assert "tp=1 x cp=4 on 4 ranks needs about" in msg and "weights" in msg and "optimizer" in msg
     assert "more than the 6.0 GiB this rank has" in msg and "no layout of these ranks fits" in msg
-    # the same model on 80 GB GPUs: refused at cp=1 without checkpointing, naming the smallest layout that fits
-    monkeypatch.setattr(trainer, "device_capacity_bytes", lambda device: 80e9)
+    # the same model on 64 GB devices: refused at cp=1 without checkpointing, naming the smallest layout that
+    # fits (on 80 GB it fits since the EMA is sharded: 72.5 GiB)
+    monkeypatch.setattr(trainer, "device_capacity_bytes", lambda device: 64e9)
     cfg1 = load_config("ti2v5b_1x", {"model": {"init": None, "dit": "wan2.2-ti2v-5b",
                                                "activation_checkpointing": False},
                                      "data": {"source": "1x", "size": [512, 512]}, "parallel": {"cp": 1}})
-    with pytest.raises(trainer.MemoryBudgetError, match="88.8 GiB .* a layout that fits: --parallel.tp 1 "
+    with pytest.raises(trainer.MemoryBudgetError, match="72.5 GiB .* a layout that fits: --parallel.tp 1 "
                                                         "--parallel.cp 2$"):
         trainer.check_memory(cfg1, trainer.model_config(cfg1), 8, torch.device("cpu"))
 

@@ -5,9 +5,11 @@ velocity v = noise - x0 at timestep 1000 sigma. A solver is built for one sigma 
 model call: ``x = solver.step(v, x)``.
 
 Schedule (``flow_sigmas``). The release (Wan 2.2's FlowUniPCMultistepScheduler) spaces ``steps`` sigmas
-linearly from 0.999 (its training table's largest sigma, 1 - 1/1000) to 0 (exclusive), applies the time
-shift, and appends a final 0. diffusers' UniPCMultistepScheduler(use_flow_sigmas=True) spaces them from 1.0
-to 1/1000 instead (then nudges a first sigma of exactly 1 down by 1e-6). megawan follows the release
+linearly from its training table's largest sigma to 0 (exclusive), applies the time shift, and appends a
+final 0. That table is float32, so the start is float32(1 - 1/1000) = 0.99900001287..., not 0.999: the
+difference moves 1000 sigma across an integer in some schedules (steps 3, shift 1: 999, 666, 333 where a
+start of exactly 0.999 gives 999, 665, 332), so megawan starts from the float32 value as the release does.
+diffusers' UniPCMultistepScheduler(use_flow_sigmas=True) spaces them from 1.0 to 1/1000 instead (then nudges a first sigma of exactly 1 down by 1e-6). megawan follows the release
 (``schedule="release"``): released weights were tuned and published with it; ``schedule="diffusers"`` gives
 diffusers' spacing. The timesteps fed to the model are the release's: 1000 sigma computed in float64 and
 truncated to an integer (its ``.to(torch.int64)``), while the solver steps with the float32 sigmas.
@@ -28,6 +30,8 @@ import torch
 from megawan.diffusion.flow_matching import NUM_TRAIN_TIMESTEPS, shift_sigma
 
 SCHEDULES = ("release", "diffusers")
+# The release's first sigma: the largest entry of its float32 training table 1 - linspace(1, 1/1000, 1000)
+RELEASE_SIGMA_MAX = float(np.float32(1.0 - 1.0 / NUM_TRAIN_TIMESTEPS))
 SOLVERS = ("unipc", "euler")
 
 
@@ -38,7 +42,7 @@ def flow_sigmas(steps: int, shift: float = 5.0, schedule: str = "release") -> tu
     if shift <= 0:
         raise ValueError(f"shift must be > 0, got {shift}")
     if schedule == "release":
-        base = np.linspace(1.0 - 1.0 / NUM_TRAIN_TIMESTEPS, 0.0, steps + 1)[:-1]
+        base = np.linspace(RELEASE_SIGMA_MAX, 0.0, steps + 1)[:-1]
     elif schedule == "diffusers":
         base = np.linspace(1.0, 1.0 / NUM_TRAIN_TIMESTEPS, steps + 1)[:-1]
     else:

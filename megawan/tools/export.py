@@ -3,9 +3,12 @@
     python -m megawan.tools.export runs/wm/checkpoints/step_00020000 out/wm --layout diffusers [--ema] [--dtype bf16]
     torchrun --nproc-per-node 4 -m megawan.tools.export CKPT OUT --tp 4   # each rank holds 1/4 of the blocks
 
-Only the model's tensors are read (or, with ``--ema``, the EMA's): no optimizer state, no data position.
-The checkpoint may have been written in any TP / CP / DP layout; it is read in this run's layout (one
-process: tp = 1). Rank 0 writes the whole model; the output folder must be new or empty.
+The weights written are the distributed optimizer's fp32 master weights (``optimizer.state.param.model.*``):
+the model's own tensors of a bf16 run are those rounded to bf16, so an fp32 export of them would hold
+rounded weights. ``--ema`` writes the EMA instead (``ema.*``, the average of the master weights). ``--dtype
+bf16`` rounds either once, at the end. No Adam moments and no data position are read. The checkpoint may have
+been written in any TP / CP / DP layout; it is read in this run's layout (one process: tp = 1). Rank 0 writes
+the whole model; the output folder must be new or empty.
 """
 
 from __future__ import annotations
@@ -62,12 +65,20 @@ def check_output(path) -> Path:
     return path
 
 
-def check_has_ema(path) -> None:
+MASTER_PREFIX = "optimizer.state.param.model."  # megatron's fully_reshardable key of the fp32 master weights
+EMA_PREFIX = "ema."
+
+
+def check_has(path, prefix: str) -> None:
     from megatron.core import dist_checkpointing
 
-    if not any(k.startswith("ema.") for k in dist_checkpointing.load_tensors_metadata(str(path))):
-        raise ExportError(f"checkpoint {path} holds no EMA (it was trained with optim.ema_decay 0): export "
-                          f"without --ema")
+    if not any(k.startswith(prefix) for k in dist_checkpointing.load_tensors_metadata(str(path))):
+        if prefix == EMA_PREFIX:
+            raise ExportError(f"checkpoint {path} holds no EMA (it was trained with optim.ema_decay 0): export "
+                              f"without --ema")
+        raise ExportError(f"checkpoint {path} holds no optimizer master weights ({prefix}*): not a checkpoint "
+                          f"written by python -m megawan.train")
+
 
 
 def saved_model_config(path):
@@ -84,16 +95,16 @@ def saved_model_config(path):
 
 @torch.no_grad()
 def load_model(path, groups, *, ema: bool = False):
-    """A WanDiT (fp32, this rank's TP slices) holding the checkpoint's weights, or its EMA's (collective)."""
+    """A WanDiT (fp32, this rank's TP slices) holding the checkpoint's fp32 master weights, or its EMA
+    (collective)."""
     from megatron.core import dist_checkpointing
 
     from megawan.models.dit import WanDiT
     from megawan.models.dit_config import DiTRuntime
 
     path = check_checkpoint(path)
-    prefix = "ema." if ema else "model."
-    if ema:
-        check_has_ema(path)
+    prefix = EMA_PREFIX if ema else MASTER_PREFIX
+    check_has(path, prefix)
     model = WanDiT(saved_model_config(path), groups, DiTRuntime(dtype=torch.float32, init_weights=False))
     sd = checkpointing.tensors_sharded_state_dict(model.named_parameters(), prefix, groups)
     loaded = dist_checkpointing.load(sd, str(path))
@@ -111,8 +122,7 @@ def export(ckpt, out, layout: str = "official", *, ema: bool = False, dtype: str
     if dtype not in DTYPES:
         raise ExportError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     ckpt, out = check_checkpoint(ckpt), check_output(out)
-    if ema:
-        check_has_ema(ckpt)
+    check_has(ckpt, EMA_PREFIX if ema else MASTER_PREFIX)
     if not dist.is_initialized() and launch_env()["world_size"] == 1:
         # one process needs no rendezvous (and must not collide with another job's port)
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -129,7 +139,8 @@ def main(argv=None) -> None:
     p.add_argument("checkpoint", help="a step_N folder written by python -m megawan.train")
     p.add_argument("out", help="output folder (new or empty)")
     p.add_argument("--layout", choices=LAYOUTS, default="official", help="key layout to write (default official)")
-    p.add_argument("--ema", action="store_true", help="export the EMA of the weights instead of the weights")
+    p.add_argument("--ema", action="store_true", help="export the EMA of the weights instead of the fp32 master "
+                                                       "weights")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="tensor dtype written (default fp32)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks to read over (default 1)")
     args = p.parse_args(argv)

@@ -10,7 +10,8 @@ q/k-norm weights; everything else is replicated):
 - weights: GEMM weights and biases in the compute dtype, the rest (norms, embeddings, head) fp32;
 - gradients: megatron DDP's fp32 grad buffer (grad_reduce_in_fp32), one per parameter;
 - optimizer: the distributed optimizer's fp32 master copy + Adam's two moments (12 B / param), sharded
-  over the DP x CP ranks; an EMA adds a replicated fp32 copy (4 B / param);
+  over the DP x CP ranks; an EMA adds 4 B / param, sharded the same way (``optim.ShardedEMA``: each rank
+  averages its own master slice);
 - activations, per recomputation granularity (``DiTRuntime.recompute_granularity``) of the recomputing
   blocks (the first ``recompute_num_blocks``; the others keep everything):
   * "full": only the block input (the residual stream, 4 or 2 B per feature), plus one block's worth
@@ -132,7 +133,7 @@ def estimate_memory(cfg: WanDiTConfig, *, tokens: int, batch: int, tp: int, cp: 
     norms, biases = 4 * cfg.dim * cfg.num_layers, 3 * cfg.dim * cfg.num_layers
     weights = ((split - norms) * compute_bytes + norms * 4) / tp + (replicated - biases) * 4 + biases * compute_bytes
     grads = params * 4
-    optimizer = params * 12 / (dp * cp) + (params * 4 if ema else 0)
+    optimizer = params * (12 + (4 if ema else 0)) / (dp * cp)  # master + m + v (+ EMA), DP x CP shards
     sp = tp if sequence_parallel else 1
     local_tokens = batch * tokens / (cp * sp)
     per_block = _block_activation_bytes_per_token(cfg, compute_bytes) * local_tokens

@@ -6,7 +6,8 @@ A checkpoint is a folder ``step_{N:08d}`` under ``<out_dir>/checkpoints`` holdin
   along dim 0, so any TP size can read it back);
 - the distributed optimizer's fp32 master weights and Adam moments in the same global (model) space,
   megatron's ``fully_reshardable`` format: they follow the parameters into any TP / CP / DP layout;
-- an EMA of the weights when enabled (same keys under ``ema.``);
+- the EMA of the fp32 master weights when enabled (same keys under ``ema.``; each rank holds only its
+  optimizer slice of it in memory, gathered into these global tensors for the write);
 - common state written once: step, LR schedule, data position (a global sample count), counters, config;
 - each rank's RNG states (restored when the layout is unchanged; every random draw of training is
   derived from (seed, step, data-parallel rank) anyway, so a resharded resume draws the same noise).
@@ -110,7 +111,7 @@ def build_sharded_state_dict(model, optimizer, groups, *, ema=None, common: dict
               "distrib_optim_sharding_type": "fully_reshardable"}),
           "common": common}
     if ema is not None:
-        sd["ema"] = tensors_sharded_state_dict(ema.named_tensors(), "ema.", groups)
+        sd["ema"] = ema_sharded_state_dict(ema.full_tensors(), model, groups)
     world, rank = dist.get_world_size(), dist.get_rank()
     sd["rng"] = ShardedObject(f"rng_world{world}", _rng_state(), (world,), (rank,), replica_id=0)
     return sd
@@ -138,6 +139,24 @@ def _fsync_own_files(folder: Path, rank: int) -> None:
         shard = p.name.startswith("__")
         if p.is_file() and (p.name.startswith(mine) if shard else rank == 0):
             _fsync_path(p)
+
+
+def ema_sharded_state_dict(full: dict, model, groups) -> dict:
+    """ShardedTensors ``ema.<param>`` for full (model-space, this rank's TP slice) EMA tensors: the same
+    global layout as ``model.<param>``, so the EMA reshards into any layout as the weights do. The
+    tensors get the parameters' TP attributes; they stay on the CPU (as megatron's gathered optimizer
+    state does)."""
+    params = dict(model.named_parameters())
+    for name, t in full.items():
+        for attr in ("tensor_model_parallel", "partition_dim", "partition_stride"):
+            if hasattr(params[name], attr):
+                setattr(t, attr, getattr(params[name], attr))
+    return tensors_sharded_state_dict(full.items(), "ema.", groups)
+
+
+def has_ema(path) -> bool:
+    """Whether the checkpoint at ``path`` holds an EMA (it was trained with optim.ema_decay > 0)."""
+    return any(k.startswith("ema.") for k in dist_checkpointing.load_tensors_metadata(str(path)))
 
 
 def save_checkpoint(root, step: int, model, optimizer, groups, *, ema=None, common: dict, keep: int) -> Path:
@@ -351,6 +370,11 @@ def _init_adam_state(optimizer) -> None:
                                           exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
 
 
+def read_common(path) -> dict:
+    """The common state of a checkpoint (step, schedule, data position, config), without loading tensors."""
+    return dist_checkpointing.load_common_state_dict(str(path))["common"]
+
+
 def load_checkpoint(path, model, optimizer, groups, *, ema=None) -> dict:
     """Collective: load ``path`` into the model, optimizer (and EMA) of this layout; return the common state."""
     path = Path(path)
@@ -359,8 +383,10 @@ def load_checkpoint(path, model, optimizer, groups, *, ema=None) -> dict:
     sd = {"model": model_sharded_state_dict(model, groups), "common": None}
     sd["optimizer"] = optimizer.sharded_state_dict(sd["model"], is_loading=True, metadata={
         "distrib_optim_sharding_type": "fully_reshardable"})
-    if ema is not None:
-        sd["ema"] = tensors_sharded_state_dict(ema.named_tensors(), "ema.", groups)
+    load_ema = ema is not None and has_ema(path)
+    if load_ema:  # empty CPU tensors of the full shapes, filled by the load, then cut into this rank's slices
+        sd["ema"] = ema_sharded_state_dict({n: torch.empty(p.shape, dtype=torch.float32)
+                                            for n, p in model.named_parameters()}, model, groups)
     world, rank = dist.get_world_size(), dist.get_rank()
     same_layout = marker["world_size"] == world
     if same_layout:
@@ -371,9 +397,11 @@ def load_checkpoint(path, model, optimizer, groups, *, ema=None) -> dict:
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(loaded["model"][name])
-        if ema is not None:
-            ema.load({name: loaded["ema"][name] for name, _ in ema.named_tensors()})
     optimizer.load_state_dict(loaded["optimizer"])
+    if load_ema:
+        ema.load_full(loaded["ema"])
+    elif ema is not None:  # the checkpoint has none (EMA switched on for this run): start at the master weights
+        ema.reset_to_master()
     if same_layout and "rng" in loaded:
         torch.set_rng_state(loaded["rng"]["cpu"])
         if torch.cuda.is_available() and "cuda" in loaded["rng"]:

@@ -109,13 +109,14 @@ class CheckpointSection:
 @dataclass
 class ValidationSection:
     every: int = 0  # steps; 0 = off
-    root: str | None = None  # a held-out split (1X val or another cache); default: the training data
+    root: str | None = None  # the held-out split (1X val or a cache of it); required when every / rollout_every > 0
     num_clips: int = 4
     sigmas: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
     seed: int = 1234
     rollout_every: int = 0  # steps between world-model rollouts scored by PSNR / SSIM; 0 = off (needs a 1X split)
     rollout_clips: int = 2
     rollout_steps: int = 20  # sampler steps per rollout
+    weights: str = "auto"  # what validation and rollouts score: auto (the EMA when optim.ema_decay > 0) | raw | ema | both
 
 
 @dataclass
@@ -152,6 +153,7 @@ _CHOICES = {
     "data.source": ("1x", "cache"),
     "data.bad_input": ("skip", "raise"),
     "optim.decay_style": ("cosine", "linear", "constant"),
+    "validation.weights": ("auto", "raw", "ema", "both"),
 }
 
 
@@ -317,7 +319,84 @@ def _check_rules(cfg: TrainConfig) -> None:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:
             raise ConfigError(f"{key} must be >= 0")
+    val = cfg.validation
+    if (val.every or val.rollout_every) and not val.root:
+        on = "validation.every" if val.every else "validation.rollout_every"
+        raise ConfigError(f"{on}={getattr(val, on.split('.')[1])} needs validation.root, a held-out split (the 1X "
+                          f"val split, or a latent cache of held-out clips): the training clips are not held out")
+    if val.root and Path(val.root).resolve() == Path(cfg.data.root).resolve():
+        raise ConfigError(f"validation.root is the training data ({cfg.data.root}): point it at a held-out split")
+    if val.weights in ("ema", "both") and cfg.optim.ema_decay == 0:
+        raise ConfigError(f"validation.weights={val.weights} needs an EMA (optim.ema_decay > 0)")
 
 
-def dump_config(cfg: TrainConfig) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+def evaluated_weights(cfg: TrainConfig) -> tuple[str, ...]:
+    """Which weights validation and rollouts score: ("raw",), ("ema",) or both, per ``validation.weights``."""
+    choice = cfg.validation.weights
+    if choice == "auto":
+        choice = "ema" if cfg.optim.ema_decay > 0 else "raw"
+    return ("raw", "ema") if choice == "both" else (choice,)
+
+
+# What a resumed run does with a key that differs from the checkpoint's config: the new value is in force
+# (the LR schedule is rebuilt for the new run.steps / optim.* and continues from the saved step; a new
+# layout reshards; a new batch or accumulation changes the global batch from here on), except for:
+REFUSED_ON_RESUME = {  # the checkpoint's data position counts the items these define, in this order
+    "run.seed": "the seed orders the data and draws the noise the saved position continues",
+    "data.source": "the saved data position counts the items of the old source",
+    "data.clip_frames": "the saved data position counts clip windows of the old length",
+    "data.frame_stride": "the saved data position counts clip windows of the old stride",
+    "data.window_hop": "the saved data position counts clip windows of the old hop",
+}
+UNUSED_ON_RESUME = {  # honoured trivially: they only matter for a run that starts from nothing
+    "model.init": "the weights come from the checkpoint",
+    "model.dit": "the weights come from the checkpoint",
+}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(saved: dict, cfg: TrainConfig) -> list[tuple[str, object, object]]:
+    """(key, checkpoint's value, this run's value) for every key that differs, in config order. Keys the
+    checkpoint's config lacks (written by an older megawan) are not reported."""
+    old, new = _flatten(saved), _flatten(cfg.to_dict())
+    return [(k, old[k], v) for k, v in new.items() if k in old and _normal(old[k]) != _normal(v)]
+
+
+def _normal(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def check_resume_changes(changes, checkpoint_step: int, cfg: TrainConfig, where) -> None:
+    """ConfigError naming every changed key a resume cannot honour (and a run.steps below the saved step)."""
+    refused = [f"{k} {old!r} -> {new!r} ({REFUSED_ON_RESUME[k]})" for k, old, new in changes if k in REFUSED_ON_RESUME]
+    if refused:
+        raise ConfigError(f"cannot resume {where} with a changed " + "; ".join(refused)
+                          + ": keep the checkpoint's value, or start a new run.out_dir")
+    if cfg.run.steps < checkpoint_step:
+        raise ConfigError(f"run.steps={cfg.run.steps} is below the step of {where} ({checkpoint_step}): a run "
+                          f"cannot be shortened after the fact; pass run.steps >= {checkpoint_step}")
+
+
+def describe_changes(changes) -> str:
+    parts = []
+    for k, old, new in changes:
+        note = f" (not used: {UNUSED_ON_RESUME[k]})" if k in UNUSED_ON_RESUME else ""
+        parts.append(f"{k} {old!r} -> {new!r}{note}")
+    return ", ".join(parts)
+
+
+def dump_config(cfg: TrainConfig, header: str | None = None) -> str:
+    """The config as YAML; ``header`` (e.g. what a resume changed) leads as comment lines."""
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    if header:
+        text = "".join(f"# {line}\n" for line in header.splitlines()) + text
+    return text

@@ -91,17 +91,18 @@ class MetricsLogger:
         else:
             self._write(f"step {step} {kind}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in metrics.items()))
 
-    def log_rollouts(self, step: int, result: dict) -> None:
-        """Rollout scores (model and copy-last-frame baseline side by side) and the contact sheet."""
+    def log_rollouts(self, step: int, result: dict, kind: str = "rollout") -> None:
+        """Rollout scores (model and copy-last-frame baseline side by side) and the contact sheet; ``kind``
+        "rollout_ema" for the EMA weights' (TensorBoard: eval_ema/*)."""
         if not self.enabled:
             return
         from megawan.evaluation import log_to_tensorboard
 
         scalars = {k: v for k, v in result.items() if isinstance(v, (int, float))}
-        self.file.write(json.dumps({"kind": "rollout", "step": step, **scalars}) + "\n")
+        self.file.write(json.dumps({"kind": kind, "step": step, **scalars}) + "\n")
         if self.writer is not None:
-            log_to_tensorboard(self.writer, result, step)
-        self._write(f"step {step} rollouts ({result['num_clips']} clips): " + ", ".join(
+            log_to_tensorboard(self.writer, result, step, prefix="eval" + kind[len("rollout"):])
+        self._write(f"step {step} {kind} ({result['num_clips']} clips): " + ", ".join(
             f"{k} {_fmt(v)}" for k, v in scalars.items() if k != "num_clips"))
 
     def _summary(self, step: int, m: dict) -> None:

@@ -1,8 +1,9 @@
 """The TI2V / world-model flow-matching trainer: one class, one loop, every rank runs the same code.
 
-Per optimizer step: ``grad_accumulation`` micro-batches (noise, sigma and clean frames drawn from a
-generator seeded by (seed, step, micro-batch, DP rank): identical on the TP / CP ranks of a replica,
-different across replicas, and the same after a resume into any layout); forward + backward through
+Per optimizer step: ``grad_accumulation`` micro-batches (noise, sigma and clean frames drawn per sample from
+a generator seeded by (seed, step, the sample's position in the step's global batch): identical on the TP /
+CP ranks of a replica, different across samples, and the same for every split of the global batch into
+batch x accumulation x DP and after a resume into any layout); forward + backward through
 megatron DDP; the DP x CP reduction and the TP reduction of sequence-parallel grads; a finite check
 (a non-finite loss or gradient skips the step, counted; ``max_nonfinite_in_a_row`` stops the run);
 the distributed optimizer step (clipped by the global norm), the LR schedule and the EMA.
@@ -35,15 +36,17 @@ from megawan.diffusion import (apply_text_dropout, clean_frame_counts, flow_matc
                                sample_sigmas, token_timesteps)
 from megawan.models.dit import DiTRuntime, WanDiT
 from megawan.models.dit_config import WanDiTConfig
-from megawan.parallel_state import LayoutError, ParallelLayout
+from megawan.parallel_state import ParallelLayout
 from megawan.training import checkpointing
 from megawan.training.budget import GIB, dit_flops, estimate_memory, suggest_layout
-from megawan.training.config import TrainConfig, dump_config
+from megawan.training.config import (TrainConfig, check_resume_changes, config_changes, describe_changes,
+                                     dump_config, evaluated_weights)
 from megawan.training.data import Batch, TrainingData, build_dataset, build_vae, latent_shape, validation_clips
 from megawan.training.metrics import MetricsLogger, peak_memory_gib
 from megawan.training.run_lock import RunFolderLocked, RunLock
 from megawan.training.signals import StopRequest
-from megawan.training.optim import EMA, build_optimizer, finish_grad_sync, grads_are_finite, wrap_ddp
+from megawan.training.optim import (ShardedEMA, apply_optimizer_config, build_optimizer, finish_grad_sync,
+                                    grads_are_finite, wrap_ddp)
 
 logger = logging.getLogger("megawan.train")
 
@@ -141,6 +144,10 @@ def check_memory(cfg: TrainConfig, dit: WanDiTConfig, world: int, device: torch.
         f"({device.type}); {hint}")
 
 
+def _eval_kind(kind: str, weights: str) -> str:
+    return kind if weights == "raw" else f"{kind}_{weights}"
+
+
 def _derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
@@ -195,13 +202,15 @@ class Trainer:
             self.model = WanDiT(self.dit_config, self.groups, runtime)
         self.ddp = wrap_ddp(self.model, self.groups)
         self.optimizer, self.scheduler = build_optimizer(self.ddp, cfg.optim, self.groups, cfg.run.steps)
-        self.ema = EMA(self.model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+        self.ema = ShardedEMA(self.optimizer, self.model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
 
         self.data = TrainingData(cfg.data, self.groups, text_dim=self.dit_config.text_dim,
                                  text_len=self.dit_config.text_len, seed=cfg.run.seed,
                                  with_states=self.dit_config.state_dim > 0)
         self.tokens = tokens_per_sample(self.dit_config, latent_shape(cfg.data))
         self.step = 0
+        self.resume_changes: list = []
+        self.resume_note: str | None = None
         self.nonfinite_total = 0
         self.nonfinite_in_a_row = 0
         self._val_cache: list | None = None
@@ -243,17 +252,25 @@ class Trainer:
 
     # ---- one step ------------------------------------------------------------------------------
 
-    def _sample_generator(self, step: int, micro: int, i: int) -> torch.Generator:
-        """Sample i of this rank's micro-batch is sample ``i * dp + dp_rank`` of the step's global batch (the
-        sampler interleaves DP ranks), so its draws are the same in every layout with the same global batch."""
-        index = i * self.groups.dp + self.groups.dp_rank
-        return torch.Generator().manual_seed(_derive_seed(self.cfg.run.seed, step, micro, index))
+    def global_position(self, micro: int, i: int) -> int:
+        """Where sample i of this rank's micro-batch ``micro`` sits in the step's global batch.
+
+        The sampler interleaves DP ranks (rank r reads stream positions r, r + dp, ...), and this rank's
+        micro-batches of ``data.batch_size`` follow one another in its share, so its j-th sample of the step
+        (j = micro * batch_size + i) is global sample ``j * dp + dp_rank``. Every split of one global batch
+        (batch b x accumulation a x DP d) puts the same clip at the same position, so keying the draws by
+        (seed, step, position) makes the step independent of the split.
+        """
+        return (micro * self.cfg.data.batch_size + i) * self.groups.dp + self.groups.dp_rank
+
+    def _sample_generator(self, step: int, position: int) -> torch.Generator:
+        return torch.Generator().manual_seed(_derive_seed(self.cfg.run.seed, step, position))
 
     def draws(self, batch: Batch, step: int, micro: int):
-        """(sigma [B], clean frames [B], noise, text after dropout), drawn per sample."""
+        """(sigma [B], clean frames [B], noise, text after dropout), drawn per sample from its global position."""
         obj, parts = self.cfg.objective, []
         for i in range(batch.size):
-            gen = self._sample_generator(step, micro, i)
+            gen = self._sample_generator(step, self.global_position(micro, i))
             parts.append((sample_sigmas(1, obj, gen), clean_frame_counts(1, obj, gen),
                           torch.randn(batch.latents.shape[1:], generator=gen)[None],
                           apply_text_dropout(batch.text[i:i + 1], self.data.empty_text, obj.text_dropout, gen)))
@@ -270,7 +287,9 @@ class Trainer:
         grid = (x0.shape[2] // pt, x0.shape[3] // ph, x0.shape[4] // pw)
         t = token_timesteps(sigma, clean, grid).to(x0.device)
         v = self.ddp(x_t, t, text.to(x0.device), states=batch.states)
-        return flow_matching_loss(v, x0, noise, clean)
+        # the mean of per-sample means: every sample weighs the same whichever micro-batch or DP rank it is
+        # on (a pooled mean would weigh samples by their scored frames, which differ with the T2V share)
+        return flow_matching_loss(v, x0, noise, clean, reduction="none").mean()
 
     def train_step(self, micro_batches: list[Batch]) -> dict:
         """One optimizer step over ``micro_batches``; returns its metrics (loss averaged over DP)."""
@@ -279,13 +298,17 @@ class Trainer:
         self.optimizer.zero_grad()
         n = len(micro_batches)
         total = torch.zeros((), device=self.groups.device)
+        samples = sum(b.size for b in micro_batches)
         for i, batch in enumerate(micro_batches):
             sync = contextlib.nullcontext() if i == n - 1 else self.ddp.no_sync()
             with sync:
+                # weighted by its share of this rank's samples: the step's loss is the mean over samples
+                # whichever way the global batch is split (a short last batch of an epoch included)
+                share = batch.size / samples
                 loss = self.loss(batch, *self.draws(batch, self.step, i))
                 # CP ranks each hold a partial gradient (their tokens); DDP averages over DP x CP.
-                (loss * self.groups.cp / n).backward()
-            total += loss.detach() / n
+                (loss * self.groups.cp * share).backward()
+            total += loss.detach() * share
         finish_grad_sync(self.ddp, self.groups)
         loss_sum = total.clone()
         dist.all_reduce(loss_sum, group=self.groups.dp_group)
@@ -306,7 +329,7 @@ class Trainer:
         _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(1)
         if self.ema is not None:
-            self.ema.update(self.model)
+            self.ema.update()  # from the fp32 master slices the step just wrote
         metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else None,
                        nonfinite_total=self.nonfinite_total)
         return metrics
@@ -382,28 +405,50 @@ class Trainer:
             log(result)
             return
         self.model.train()
-        if kind == "validation":
+        if kind.startswith("validation"):
             self._val_cache = None  # read again next time
         agreed = [e[len("agreed:"):] for _, e in failed if e.startswith("agreed:")]
         message = agreed[0] if agreed else _describe_failures(failed)
         if self.rank == 0:
             logger.warning("step %d: %s failed: %s; training goes on", self.step, kind, message)
         self._log.log(self.step, {"error": message}, kind=f"{kind}_error")
+    @contextlib.contextmanager
+    def weights(self, which: str):
+        """The model holds the trained weights ("raw") or the EMA's ("ema") inside the block (collective)."""
+        if which == "raw":
+            yield
+            return
+        if self.ema is None:
+            raise ValueError("EMA weights asked for, but the run has no EMA (optim.ema_decay 0)")
+        with self.ema.weights_in_model(self.ddp):
+            yield
 
     @torch.no_grad()
-    def validate(self) -> dict:
-        """Loss at fixed sigmas on fixed held-out clips with fixed noise (the same every time)."""
+    def validate(self, weights: str = "raw") -> dict:
+        """Loss at fixed sigmas on fixed held-out clips (``validation.root``) with fixed noise (the same every
+        time), of the trained weights or (``weights="ema"``) of the EMA."""
         vcfg = self.cfg.validation
+        if not vcfg.root:
+            raise ValueError("validation needs validation.root, a held-out split (the training clips are not)")
         if self._val_cache is None:
-            dataset = self._val_dataset if self._val_dataset is not None else (
-                build_dataset(self.cfg.data, vcfg.root) if vcfg.root else self.data.dataset)
+            dataset = self._val_dataset if self._val_dataset is not None else \
+                build_dataset(self.cfg.data, vcfg.root)
             items = validation_clips(len(dataset), vcfg.num_clips)
             self._val_cache = []
             for item in items:
                 raw = self._read_on_every_rank(lambda: dataset[item])
                 raw = {k: (v[None] if torch.is_tensor(v) else [v]) for k, v in raw.items() if k != "skipped"}
                 self._val_cache.append((item, self.data.to_batch(raw)))  # every rank: the VAE call is collective
-        self.model.eval()
+        with self.weights(weights):
+            self.model.eval()
+            try:
+                out = self._validation_losses()
+            finally:
+                self.model.train()
+        return out
+
+    def _validation_losses(self) -> dict:
+        vcfg = self.cfg.validation
         sums = torch.zeros(len(vcfg.sigmas), device=self.groups.device)
         count = 0
         for k, (item, batch) in enumerate(self._val_cache):
@@ -421,17 +466,23 @@ class Trainer:
         per_sigma = (sums / counts.clamp_min(1)).tolist()
         out = {f"loss_sigma_{s:g}": v for s, v in zip(vcfg.sigmas, per_sigma)}
         out["loss"] = sum(per_sigma) / len(per_sigma)
-        self.model.train()
         return out
 
+    def rollout_context_frames(self) -> int:
+        """Video frames the rollouts condition on: the K clean latent frames of training <- 4 (K - 1) + 1."""
+        return 4 * (self.cfg.objective.clean_frames - 1) + 1
+
     @torch.no_grad()
-    def rollouts(self) -> dict:
+    def rollouts(self, weights: str = "raw") -> dict:
         """World-model rollouts on fixed held-out clips, scored like the 1X challenge (PSNR / SSIM of the
-        predicted frames against the truth and the copy-last-context-frame baseline)."""
+        predicted frames against the truth and the copy-last-context-frame baseline), of the trained weights
+        or (``weights="ema"``) of the EMA."""
         from megawan.evaluation import evaluate_rollouts
         from megawan.pipelines.sampling import SamplingConfig
 
         vcfg, data_cfg = self.cfg.validation, self.cfg.data
+        if not vcfg.root:
+            raise ValueError("rollouts need validation.root, a held-out 1X split (the training clips are not)")
         if self._rollout_clips is None:  # raw clips (video + states) of the held-out split, read once
             def read():
                 dataset = build_dataset(dataclasses.replace(data_cfg, source="1x"), rollout_root(self.cfg)[0])
@@ -441,11 +492,11 @@ class Trainer:
         if self._rollout_vae is None:  # the training data's VAE, or (latent cache) one loaded once and kept
             self._rollout_vae = self.data.vae if self.data.vae is not None else \
                 self._read_on_every_rank(lambda: build_vae(data_cfg, self.groups.device))
-        context = 4 * (self.cfg.objective.clean_frames - 1) + 1  # K clean latent frames <- 4 (K - 1) + 1 frames
-        return evaluate_rollouts(self.model, self._rollout_vae, self._rollout_clips, self.groups,
-                                 text=self.data.empty_text,
-                                 config=SamplingConfig(steps=vcfg.rollout_steps, guidance=1.0),
-                                 context_frames=context, seed=vcfg.seed)
+        with self.weights(weights):
+            return evaluate_rollouts(self.model, self._rollout_vae, self._rollout_clips, self.groups,
+                                     text=self.data.empty_text,
+                                     config=SamplingConfig(steps=vcfg.rollout_steps, guidance=1.0),
+                                     context_frames=self.rollout_context_frames(), seed=vcfg.seed)
 
     # ---- checkpoints ----------------------------------------------------------------------------
 
@@ -467,17 +518,47 @@ class Trainer:
         if self.resume_choice.path is None:
             return None
         path = Path(self.resume_choice.path)
+        # what changed since the checkpoint is checked before any tensor is read: refused changes fail fast
+        saved_common = checkpointing.read_common(path)
+        changes = config_changes(saved_common.get("config", {}), self.cfg)
+        check_resume_changes(changes, int(saved_common["step"]), self.cfg, path)
+        had_ema = checkpointing.has_ema(path)
         common = checkpointing.load_checkpoint(path, self.model, self.optimizer, self.groups, ema=self.ema)
         saved = WanDiTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in common["model_config"].items()})
         if saved != self.dit_config:
             raise ValueError(f"checkpoint {path} holds a different model ({saved}) than this config "
                              f"({self.dit_config})")
         self.step = int(common["step"])
-        self.scheduler.load_state_dict(common["scheduler"])
+        apply_optimizer_config(self.optimizer, self.cfg.optim)  # the checkpoint's param groups held its values
+        self.scheduler.load_state_dict(common["scheduler"])  # only the step count: this config's schedule
         self.data.load_state_dict(common["data"])
         self.nonfinite_total = int(common.get("nonfinite_total", 0))
         self.nonfinite_in_a_row = int(common.get("nonfinite_in_a_row", 0))  # 0 in checkpoints of older megawan
+        self.resume_changes = changes
+        self.resume_note = self._resume_note(path, changes, had_ema)
+        logger.info("%s", self.resume_note.replace("\n", "; "))
         return path
+
+    def schedule_in_force(self) -> str:
+        o = self.cfg.optim
+        warm = f"warmup {o.warmup_steps} steps to lr {o.lr:g}, then " if o.warmup_steps else f"lr {o.lr:g}, "
+        decay = "constant" if o.decay_style == "constant" else f"{o.decay_style} decay to {o.min_lr:g} at step {self.cfg.run.steps}"
+        return (f"{warm}{decay}; lr now {self.optimizer.param_groups[0]['lr']:.4g} "
+                f"(schedule step {self.scheduler.num_steps})")
+
+    def _resume_note(self, path, changes, had_ema: bool) -> str:
+        lines = [f"resumed from {path} at step {self.step}",
+                 ("changed since that checkpoint (the new values are in force): " + describe_changes(changes))
+                 if changes else "config unchanged since that checkpoint",
+                 f"learning rate in force: {self.schedule_in_force()}"]
+        decay = self.cfg.optim.ema_decay
+        if self.ema is not None:
+            lines.append(f"EMA (decay {decay:g}) continued from the checkpoint" if had_ema else
+                         f"EMA (decay {decay:g}) started at step {self.step} from the master weights "
+                         f"(the checkpoint has none)")
+        elif had_ema:
+            lines.append("the checkpoint's EMA is not used (optim.ema_decay 0): it is not in the next checkpoint")
+        return "\n".join(lines)
 
     # ---- signals --------------------------------------------------------------------------------
 
@@ -510,7 +591,8 @@ class Trainer:
         resumed = self.resume()
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "resolved_config.yaml").write_text(dump_config(cfg))
+            # the config in force; after a resume, a header names the checkpoint and what changed since
+            (self.out_dir / "resolved_config.yaml").write_text(dump_config(cfg, header=self.resume_note))
             checkpointing.remove_torn(self.ckpt_dir)
         dist.barrier()
         # metrics.jsonl / TensorBoard drop what came after this step: the steps about to be redone
@@ -525,6 +607,13 @@ class Trainer:
                     f"compiled blocks {self.model.backend.compile_blocks}, steps {self.step} -> {cfg.run.steps}, "
                     + (f"resumed from {resumed}" if resumed else "from step 0")
                     + f" ({self.resume_choice.reason})")
+        if self.resume_note:
+            for line in self.resume_note.splitlines()[1:]:
+                log.message(line)
+        if cfg.validation.every or cfg.validation.rollout_every:
+            log.message(f"validation: held-out clips of {cfg.validation.root} (never the training data), scoring "
+                        f"the {' and '.join('EMA' if w == 'ema' else 'trained' for w in evaluated_weights(cfg))} "
+                        f"weights")
         batches = self.data.batches()
         preempted = False
         last: dict = {}
@@ -550,11 +639,18 @@ class Trainer:
                     cfg.run.exit_after_steps and self.step - first_step >= cfg.run.exit_after_steps)
                 if final or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
                     path, saved_at = self.save(), self.step
+                # each evaluation names the weights it scored: kind "validation" / "rollout" for the trained
+                # weights, "validation_ema" / "rollout_ema" for the EMA's (validation.weights)
                 if cfg.validation.every and self.step % cfg.validation.every == 0:
-                    self._evaluate("validation", self.validate,
-                                   lambda result: log.log(self.step, result, kind="validation"))
+                    for which in evaluated_weights(cfg):
+                        kind = _eval_kind("validation", which)
+                        self._evaluate(kind, lambda: self.validate(which),
+                                       lambda result: log.log(self.step, result, kind=kind))
                 if cfg.validation.rollout_every and self.step % cfg.validation.rollout_every == 0:
-                    self._evaluate("rollouts", self.rollouts, lambda result: log.log_rollouts(self.step, result))
+                    for which in evaluated_weights(cfg):
+                        kind = _eval_kind("rollout", which)
+                        self._evaluate(kind, lambda: self.rollouts(which),
+                                       lambda result: log.log_rollouts(self.step, result, kind=kind))
             # a rerun of a finished run does nothing: its newest checkpoint stays the answer
             if saved_at != self.step and (self.step > first_step or resumed is None):
                 path, saved_at = self.save(), self.step
