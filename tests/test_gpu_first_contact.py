@@ -1,0 +1,169 @@
+"""What reading the GPU code paths showed would break on CUDA / NCCL / Transformer Engine, checked on CPU.
+
+Each test says what stands in for the GPU:
+* "fake TE": tests/_fake_te.py, Transformer Engine's documented signatures, with megatron-core's own TE
+  wrappers running on it unchanged, in spawned gloo ranks that report CUDA as available;
+* "fake CUDA": ``torch.cuda`` queries monkeypatched to answer as a GPU node does;
+* "GPU-side code on stand-ins": a backend built for a CUDA device, so megatron-core takes its GPU code
+  paths, which run here on cpu_compat's CPU stand-ins (current device, RNG tracker).
+The tests marked ``cuda`` run only on a GPU (``bench/gpu_check.sh quick`` runs them).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from megawan.layers import attention_kernels, linear
+from megawan.layers.attention_kernels import AttentionKernel, resolve_backend
+from megawan.testing import run_distributed
+from tests import _te_call
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_check.sh quick)")
+
+
+# ---- Transformer Engine linears (fake TE) ----------------------------------------------------------------
+
+def test_auto_linear_impl_is_local_even_where_te_imports(monkeypatch):
+    """docs/dit.md: TE is off unless selected. "auto" used to pick TE wherever it imported on CUDA (fake CUDA)."""
+    monkeypatch.setattr(linear, "te_available", lambda: True)
+    assert linear.resolve_linear_impl("auto") == "local"
+    assert linear.resolve_linear_impl("te") == "te"
+
+
+@pytest.fixture(scope="module")
+def te_rank():
+    """One gloo rank building TE's linears through megatron's wrappers over the fake TE."""
+    return run_distributed(_te_call.call, 1, "te_single_rank", timeout_s=300)[0]
+
+
+def test_te_linears_build_including_the_replicated_text_projections(te_rank):
+    """The cross-attention k / v on the replicated text are TELinear(parallel_mode="duplicated"): megatron
+    asserts tp_group is None for that mode (it failed at model build)."""
+    assert te_rank["layers"] == ["TEColumnParallelLinear", "TELinear", "TERowParallelLinear"]
+
+
+def test_ffn_recompute_under_te_fp8_recomputes_under_the_same_fp8_state(te_rank):
+    """recompute "ffn" in a te-* mode goes through TE's checkpoint, which recomputes under the forward's
+    FP8 state: output and every gradient equal the run without recomputation. torch's checkpoint
+    recomputed in backward, outside fp8_autocast (here: other saved tensors, a CheckpointError)."""
+    assert te_rank["te_checkpoint_calls_ffn"] == 1 and te_rank["te_checkpoint_calls_None"] == 0
+    (out, gx, grads), (out_r, gx_r, grads_r) = te_rank["no_recompute"], te_rank["ffn_recompute"]
+    torch.testing.assert_close(out_r, out, rtol=0, atol=0)
+    torch.testing.assert_close(gx_r, gx, rtol=1e-6, atol=0)
+    for name in grads:
+        torch.testing.assert_close(grads_r[name], grads[name], rtol=1e-6, atol=1e-12, msg=name)
+    # FP8 does change the values (the fake rounds GEMM operands through e4m3): the check above is not empty
+    off_out, off_gx, _ = te_rank["fp8_off"]
+    assert (off_out - out).norm() / out.norm() > 1e-3
+
+
+def test_compiled_blocks_with_te_modules_are_refused_and_off_by_default(te_rank):
+    """TE's forwards break dynamo's graph: compile_blocks=True with TE is an error naming why, and the
+    default on a GPU is not to compile such blocks (it stays on for local linears)."""
+    assert "TE's forwards break torch.compile's graph" in te_rank["compile_true"]
+    assert te_rank["compile_default_on_gpu"] is False
+    assert te_rank["compile_default_local_on_gpu"] is True
+
+
+# ---- initialisation identical in every layout, on every device ---------------------------------------------
+
+def test_initialisation_is_the_same_in_every_layout_on_the_gpu_path():
+    """Issue 18: off CPU each TP shard was initialised on its own (megatron's GPU init, per-TP-rank RNG
+    streams), so the weights (and their variance) changed with TP. GPU-side code on stand-ins for the
+    local linears, fake TE for TE's: the TP2 blocks gathered equal the TP1 CPU block exactly."""
+    for rank in run_distributed(_te_call.call, 2, "init_in_every_layout", 2, timeout_s=300):
+        ref = rank["reference"]
+        for layout in ("gpu_local", "te"):
+            assert rank[layout].keys() == ref.keys(), layout
+            for name, t in ref.items():
+                assert torch.equal(rank[layout][name], t), (layout, name)
+
+
+def test_seeded_build_is_one_model_and_leaves_the_callers_rng_alone():
+    from megawan.models.dit import DiTRuntime, WanDiT, WanDiTConfig
+
+    cfg, rt = WanDiTConfig.preset("tiny"), DiTRuntime(linear_impl="local", compile_blocks=False)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = dict(WanDiT(cfg, runtime=rt, seed=7).named_parameters())
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(7)
+    b = dict(WanDiT(cfg, runtime=rt).named_parameters())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- attention kernel selection (fake CUDA) ----------------------------------------------------------------
+
+def _fake_hopper(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3 (fake)")
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91900)
+    monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: True)
+
+
+def test_auto_attention_lets_sdpa_choose_on_a_gpu(monkeypatch, caplog):
+    """"auto" used to pin cuDNN attention on CUDA with bf16, bypassing torch's own guard (and failing
+    at head_dim 12). Fake CUDA: it resolves to SDPA's dispatch, and says so in the log."""
+    _fake_hopper(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="megawan"):
+        assert resolve_backend("auto", torch.device("cuda", 0), torch.bfloat16) == "torch"
+    assert "SDPA chooses its kernel" in caplog.text
+    assert resolve_backend("cudnn", torch.device("cuda", 0), torch.bfloat16) == "cudnn"  # asked for: kept
+    q = torch.randn(8, 1, 2, 12, dtype=torch.bfloat16)
+    torch.testing.assert_close(attention_kernels.attention(q, q, q, "auto"), attention_kernels.attention(q, q, q, "torch"))
+
+
+def test_cudnn_attention_refuses_head_dims_it_cannot_take():
+    """cuDNN attention needs head_dim % 8 == 0: refused when the kernel is built, naming the head_dim."""
+    with pytest.raises(ValueError, match="multiple of 8, this model's is 12"):
+        AttentionKernel("cudnn", 2, 12)
+    assert AttentionKernel("cudnn", 2, 128).head_dim == 128
+
+
+@cuda
+@pytest.mark.parametrize("tokens,head_dim", [(27280, 128), (5120, 64), (1000, 128)])
+def test_cudnn_attention_matches_the_math_kernel_forward_and_backward(tokens, head_dim):
+    """The proof a cuDNN choice needs: bf16 cuDNN attention against the fp32 math kernel on the same
+    bf16 inputs, forward and all three input gradients, at lengths that are not multiples of 128
+    (27,280 = 121 x 704 x 1280 video) and at one that is. One head keeps the math kernel's L x L
+    scores within memory. Bound 1e-2 relative: bf16 rounding of the output and of the gradients."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(tokens, 1, 1, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+               for _ in range(3))
+    dout = torch.randn(tokens, 1, 1, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+
+    def run(dtype, kernel):
+        leaves = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v)]
+        if kernel == "cudnn":
+            out = attention_kernels.attention(*leaves, "cudnn")
+        else:
+            with sdpa_kernel(SDPBackend.MATH):
+                out = attention_kernels.attention(*leaves, "torch")
+        out.backward(dout.to(dtype))
+        return [out.float()] + [t.grad.float() for t in leaves]
+
+    for name, got, want in zip(("out", "dq", "dk", "dv"), run(torch.bfloat16, "cudnn"), run(torch.float32, "math")):
+        err = ((got - want).norm() / want.norm()).item()
+        assert err < 1e-2, (name, tokens, head_dim, err)
+
+
+# ---- from_pretrained: one source for the dtype ------------------------------------------------------------
+
+def test_from_pretrained_takes_the_dtype_from_one_place(tmp_path):
+    from megawan.models.dit import DiTRuntime, WanDiT, WanDiTConfig
+
+    rt = DiTRuntime(linear_impl="local", compile_blocks=False)
+    WanDiT(WanDiTConfig.preset("tiny"), runtime=rt, seed=0).save_pretrained(tmp_path / "ckpt")
+    bf16 = WanDiT.from_pretrained(tmp_path / "ckpt", runtime=DiTRuntime(dtype=torch.bfloat16, linear_impl="local",
+                                                                         compile_blocks=False))
+    assert bf16.blocks[0].ffn.fc1.weight.dtype == torch.bfloat16  # was float32: the argument's default won
+    with pytest.raises(ValueError, match=r"dtype=torch.float32\) disagrees with runtime.dtype=torch.bfloat16"):
+        WanDiT.from_pretrained(tmp_path / "ckpt", dtype=torch.float32,
+                               runtime=DiTRuntime(dtype=torch.bfloat16, linear_impl="local"))
+    assert WanDiT.from_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16).runtime.dtype == torch.bfloat16
