@@ -77,6 +77,7 @@ def test_initialisation_is_the_same_in_every_layout_on_the_gpu_path():
     for rank in run_distributed(_te_call.call, 2, "init_in_every_layout", 2, timeout_s=300):
         ref = rank["reference"]
         for layout in ("gpu_local", "te"):
+            assert isinstance(rank[layout], dict), (layout, rank[layout])  # else: the build's error
             assert rank[layout].keys() == ref.keys(), layout
             for name, t in ref.items():
                 assert torch.equal(rank[layout][name], t), (layout, name)
@@ -159,7 +160,8 @@ def test_from_pretrained_takes_the_dtype_from_one_place(tmp_path):
     from megawan.models.dit import DiTRuntime, WanDiT, WanDiTConfig
 
     rt = DiTRuntime(linear_impl="local", compile_blocks=False)
-    WanDiT(WanDiTConfig.preset("tiny"), runtime=rt, seed=0).save_pretrained(tmp_path / "ckpt")
+    torch.manual_seed(0)
+    WanDiT(WanDiTConfig.preset("tiny"), runtime=rt).save_pretrained(tmp_path / "ckpt")
     bf16 = WanDiT.from_pretrained(tmp_path / "ckpt", runtime=DiTRuntime(dtype=torch.bfloat16, linear_impl="local",
                                                                          compile_blocks=False))
     assert bf16.blocks[0].ffn.fc1.weight.dtype == torch.bfloat16  # was float32: the argument's default won
@@ -167,3 +169,43 @@ def test_from_pretrained_takes_the_dtype_from_one_place(tmp_path):
         WanDiT.from_pretrained(tmp_path / "ckpt", dtype=torch.float32,
                                runtime=DiTRuntime(dtype=torch.bfloat16, linear_impl="local"))
     assert WanDiT.from_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16).runtime.dtype == torch.bfloat16
+
+
+# ---- precompute over NCCL ----------------------------------------------------------------------------------
+
+def _precompute_on_an_nccl_vae_group(argv):
+    """A rank of ``precompute --vae-shards 2`` whose VAE group behaves as NCCL does for the collectives
+    precompute itself issues (all_reduce / broadcast): a CPU tensor is refused. The VAE's own
+    collectives (all_gather, P2P) carry tensors on the compute device in a real run and are left alone."""
+    import torch.distributed as dist
+
+    from megawan.tools.precompute import main
+
+    def nccl_rule(fn):
+        def call(tensor, *args, **kwargs):
+            if tensor.device.type == "cpu" and dist.get_world_size(kwargs.get("group")) == 2:
+                raise RuntimeError(f"NCCL: {fn.__name__} of a CPU tensor (no CUDA tensor given)")
+            return fn(tensor, *args, **kwargs)
+        return call
+
+    dist.all_reduce, dist.broadcast = nccl_rule(dist.all_reduce), nccl_rule(dist.broadcast)
+    main(argv)
+
+
+def test_precompute_agrees_on_its_work_without_a_cpu_tensor_collective(tmp_path):
+    """precompute all-reduced a CPU flag tensor over the VAE group: NCCL refuses it. The stand-in NCCL rule
+    above refuses it too; the to-do agreement is now an object collective, staged by torch on the
+    backend's device."""
+    from tests.test_precompute import _cli_args
+    from megawan.data.text_encoder import save_tiny_umt5
+    from megawan.tools.make_sample_data import make_sample_data
+    from megawan.vae.model import WanVAE38, WanVAE38Config
+
+    make_sample_data(tmp_path / "data", train_shards=1, val_shards=0, frames_per_shard=40, size=32, gop=8,
+                     min_segment=20, max_segment=40, captioned_videos=0, workers=1)
+    torch.manual_seed(0)
+    WanVAE38(WanVAE38Config.tiny()).eval().save_pretrained(tmp_path / "vae")
+    save_tiny_umt5(tmp_path / "umt5")
+    argv = _cli_args(tmp_path) + ["--out", str(tmp_path / "cache"), "--vae-shards", "2", "--max-samples", "3"]
+    run_distributed(_precompute_on_an_nccl_vae_group, 2, argv, timeout_s=300)
+    assert (tmp_path / "cache" / "index.json").exists()
