@@ -209,3 +209,112 @@ def test_precompute_agrees_on_its_work_without_a_cpu_tensor_collective(tmp_path)
     argv = _cli_args(tmp_path) + ["--out", str(tmp_path / "cache"), "--vae-shards", "2", "--max-samples", "3"]
     run_distributed(_precompute_on_an_nccl_vae_group, 2, argv, timeout_s=300)
     assert (tmp_path / "cache" / "index.json").exists()
+
+
+# ---- cpu_compat scoped to megatron-core; NVDEC sees the real GPU (fake CUDA, fake PyNvVideoCodec) -----------
+
+def _fake_nvcodec():
+    """PyNvVideoCodec's SimpleDecoder signature; like the real (pybind) one it takes an int gpu_id."""
+    import sys
+    import types
+
+    opened = []
+
+    class SimpleDecoder:
+        def __init__(self, path, gpu_id=0, use_device_memory=True, output_color_type=None):
+            if not isinstance(gpu_id, int):
+                raise TypeError(f"incompatible function arguments: gpu_id={gpu_id!r}")
+            opened.append(gpu_id)
+
+        def __len__(self):
+            return 10
+
+    sys.modules["PyNvVideoCodec"] = types.SimpleNamespace(
+        SimpleDecoder=SimpleDecoder, OutputColorType=types.SimpleNamespace(RGB="rgb"))
+    return opened
+
+
+def _gloo_rank_on_a_gpu_node():
+    """A gloo rank on a GPU node whose own GPU is cuda:1; megatron's SP gather must still run on CPU."""
+    from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+    from megawan import parallel_state
+    from megawan.data.bad_input import BadInputError
+    from megawan.data.decoders.nvcodec_reader import NvCodecReader
+
+    torch.cuda.is_available = lambda: True
+    real_current_device = torch.cuda.current_device = lambda: 1  # what torch answers on this rank
+    opened = _fake_nvcodec()
+    groups = parallel_state.initialize(tp=2, num_heads=None, backend="gloo")
+    gathered = gather_from_sequence_parallel_region(torch.ones(2, 3), group=groups.tp_group)
+    try:
+        NvCodecReader("clip.mp4")
+        reader = "opened"
+    except BadInputError as e:
+        reader = str(e)
+    return {"device": str(groups.device), "gathered": gathered.device.type, "reader": reader, "gpu_ids": opened,
+            "current_device_is_real": torch.cuda.current_device is real_current_device}
+
+
+def test_cpu_stand_ins_stay_inside_megatron_and_nvdec_sees_the_real_gpu(monkeypatch):
+    """cpu_compat replaced torch.cuda.current_device process-wide: NVDEC then got a CPU device as its GPU
+    id and, with bad_input=skip, every video counted as unreadable. The stand-ins now reach megatron-core
+    only (its modules see a view of torch), and megatron's gather still runs on CPU."""
+    monkeypatch.setenv("MEGAWAN_TEST_BACKEND", "gloo")
+    for rank in run_distributed(_gloo_rank_on_a_gpu_node, 2, timeout_s=300):
+        assert rank["device"] == "cpu" and rank["gathered"] == "cpu"
+        assert rank["current_device_is_real"]
+        assert rank["reader"] == "opened" and rank["gpu_ids"] == [1], rank
+
+
+# ---- NVDEC in loader workers (fake CUDA) --------------------------------------------------------------------
+
+class _GpuDecodedClips(torch.utils.data.Dataset):
+    backend = "pynvvideocodec"
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return {"video": torch.zeros(2, 3)}
+
+
+def test_gpu_decoding_workers_use_this_ranks_gpu(monkeypatch):
+    """Spawned loader workers start on cuda:0: every rank decoded there. Fake CUDA (this rank's GPU is
+    cuda:3): each worker first sets the rank's device."""
+    from megawan.data.loader import ClipLoader
+    from megawan.data.sampler import DistributedClipSampler
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    set_to = []
+    monkeypatch.setattr(torch.cuda, "set_device", set_to.append)
+    loader = ClipLoader(_GpuDecodedClips(), DistributedClipSampler(4, dp_rank=0, dp_size=1, seed=0), batch_size=2,
+                        num_workers=1)
+    assert loader.loader.multiprocessing_context.get_start_method() == "spawn"
+    loader.loader.worker_init_fn(0)
+    assert set_to == [torch.device("cuda", 3)]
+    explicit = ClipLoader(_GpuDecodedClips(), DistributedClipSampler(4, dp_rank=0, dp_size=1, seed=0), batch_size=2,
+                          num_workers=1, decode_device=torch.device("cuda", 5))
+    explicit.loader.worker_init_fn(0)
+    assert set_to[-1] == torch.device("cuda", 5)
+
+
+class _OnGpu(torch.Tensor):
+    """A tensor that says it is on a GPU (fake CUDA); ``.cpu()`` gives the plain tensor."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+    def cpu(self):
+        return self.as_subclass(torch.Tensor)
+
+
+def test_only_cpu_tensors_leave_a_loader_worker(monkeypatch):
+    """GPU-decoded frames used to travel through the DataLoader's queues as CUDA tensors."""
+    from megawan.data.loader import collate_samples
+
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())  # inside a worker
+    batch = collate_samples([{"video": torch.ones(2, 3).as_subclass(_OnGpu), "index": i} for i in range(2)])
+    assert type(batch["video"]) is torch.Tensor and not batch["video"].is_cuda
+    assert batch["video"].shape == (2, 2, 3)
