@@ -318,3 +318,49 @@ def test_only_cpu_tensors_leave_a_loader_worker(monkeypatch):
     batch = collate_samples([{"video": torch.ones(2, 3).as_subclass(_OnGpu), "index": i} for i in range(2)])
     assert type(batch["video"]) is torch.Tensor and not batch["video"].is_cuda
     assert batch["video"].shape == (2, 2, 3)
+
+
+# ---- versions the patches are written for -------------------------------------------------------------------
+
+def test_setup_pins_the_versions_the_patches_are_written_for():
+    import re
+    from pathlib import Path
+
+    from megawan import compat
+
+    setup = (Path(__file__).parents[1] / "setup.py").read_text()
+    for package, version in compat.WRITTEN_FOR.items():
+        assert re.search(rf'"{package}=={re.escape(version)}"', setup), package
+        assert compat.installed_version(package) == version, package  # what this suite ran against
+
+
+def test_a_patch_that_no_longer_applies_fails_loudly(monkeypatch):
+    """megatron-core / torchao moving a private name used to make a patch silently set a new, unused
+    attribute (or fail much later): now the patch refuses (megawan.compat.PatchError, a RuntimeError),
+    naming the version it was written for."""
+    from megatron.core.tensor_parallel import layers as mlayers
+    from megatron.core.tensor_parallel import random as mcore_random
+    from torchao.float8 import float8_utils
+
+    from megawan.layers import compile_compat, fp8
+    from megawan.parallel_state import cpu_compat
+
+    for name in ("current_device", "current_stream", "default_stream", "synchronize"):
+        monkeypatch.setattr(torch.cuda, name, getattr(torch.cuda, name))  # restored afterwards, whatever happens
+    monkeypatch.setattr(cpu_compat, "_APPLIED", False)
+    monkeypatch.delattr(mcore_random, "initialize_rng_tracker")
+    with pytest.raises(RuntimeError, match="initialize_rng_tracker is missing in megatron-core"):
+        cpu_compat.apply()
+
+    monkeypatch.setattr(compile_compat, "_INSTALLED", False)
+    monkeypatch.delattr(mlayers, "get_tensor_model_parallel_group_if_none")
+    with pytest.raises(RuntimeError, match="get_tensor_model_parallel_group_if_none is missing in "
+                                           r"megatron-core .*written for megatron-core 0\.16\.1"):
+        compile_compat.install()
+
+    def tensor_to_scale(hp_tensor, float8_dtype, granularity=None):  # a renamed keyword
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(float8_utils, "tensor_to_scale", tensor_to_scale)
+    with pytest.raises(RuntimeError, match="has no parameter scaling_granularity.*torchao 0.18.0"):
+        fp8.check_mode("native-tensorwise", "local", "torch", False)
