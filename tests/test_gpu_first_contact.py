@@ -364,3 +364,29 @@ def test_a_patch_that_no_longer_applies_fails_loudly(monkeypatch):
     monkeypatch.setattr(float8_utils, "tensor_to_scale", tensor_to_scale)
     with pytest.raises(RuntimeError, match="has no parameter scaling_granularity.*torchao 0.18.0"):
         fp8.check_mode("native-tensorwise", "local", "torch", False)
+
+
+# ---- the memory check keeps room for what the model estimate leaves out (fake CUDA device) ------------------
+
+def test_memory_check_keeps_a_reserve_for_context_nccl_and_the_vae(monkeypatch, caplog):
+    """The check compared the model's estimate with the whole device. A layout whose estimate leaves
+    0.5 GiB free on an 80 GB GPU is now refused, naming the reserve (CUDA context, NCCL, fragmentation,
+    the on-the-fly VAE); the figures are stated in megawan/training/budget.py."""
+    import re
+
+    from megawan.training import trainer
+    from megawan.training.config import load_config
+
+    cfg = load_config("ti2v5b_1x", {"model": {"init": None, "dit": "wan2.2-ti2v-5b"},
+                                    "data": {"source": "1x", "size": [512, 512], "vae": "/released/Wan2.2_VAE.pth"}})
+    dit = trainer.model_config(cfg)
+    monkeypatch.setattr(trainer, "device_capacity_bytes", lambda device: 10 * 2**40)
+    with caplog.at_level(logging.INFO, logger=trainer.logger.name):
+        trainer.check_memory(cfg, dit, 8, torch.device("cpu"))
+    estimate = float(re.search(r"memory estimate per rank: ([\d.]+) GiB", caplog.text).group(1))
+    monkeypatch.setattr(trainer, "device_capacity_bytes", lambda device: (estimate + 0.5) * 2**30)
+    with pytest.raises(trainer.MemoryBudgetError, match=r"reserve of [\d.]+ GiB \(cuda context 1\.0, nccl 0\.8, "
+                                                        r"fragmentation [\d.]+, vae [\d.]+ GiB\)"):
+        trainer.check_memory(cfg, dit, 8, torch.device("cuda"))
+    # the released VAE's 704,688,668 fp32 weights alone are 2.6 GiB of the reserve
+    assert trainer.memory_reserve(cfg, 8, torch.device("cpu"), 80e9).vae > 704_688_668 * 4
