@@ -390,3 +390,41 @@ def test_memory_check_keeps_a_reserve_for_context_nccl_and_the_vae(monkeypatch, 
         trainer.check_memory(cfg, dit, 8, torch.device("cuda"))
     # the released VAE's 704,688,668 fp32 weights alone are 2.6 GiB of the reserve
     assert trainer.memory_reserve(cfg, 8, torch.device("cpu"), 80e9).vae > 704_688_668 * 4
+
+
+# ---- megatron's DDP and optimizer reduce over megawan's groups ---------------------------------------------
+
+def _ddp_over_megawan_groups():
+    """Two DP ranks; each also wraps a model built on ``ParallelGroups.single_rank`` (this rank alone)."""
+    import torch.distributed as dist
+
+    from megawan import parallel_state
+    from megawan.models.dit import DiTRuntime, WanDiT, WanDiTConfig
+    from megawan.training.config import OptimSection
+    from megawan.training.optim import build_optimizer, finish_grad_sync, wrap_ddp
+
+    groups = parallel_state.initialize(tp=1, num_heads=None, backend="gloo")
+    sizes = {}
+    for name, g in (("layout", groups), ("single", parallel_state.ParallelGroups.single_rank(groups.device))):
+        torch.manual_seed(0)
+        model = WanDiT(WanDiTConfig.preset("tiny"), g, DiTRuntime(linear_impl="local", compile_blocks=False))
+        ddp = wrap_ddp(model, g)
+        optimizer, _ = build_optimizer(ddp, OptimSection(), g, total_steps=10)
+        # a gradient that differs per rank: a lone rank's model must keep its own, untouched
+        ddp.zero_grad_buffer()
+        for p in model.parameters():
+            p.main_grad.fill_(float(dist.get_rank() + 1))
+        finish_grad_sync(ddp, g)
+        inner = optimizer.chained_optimizers  # megatron's ChainedOptimizer: one per param-group kind
+        sizes[name] = {"ddp": ddp.dp_cp_group.size(), "opt": {o.grad_stats_parallel_group.size() for o in inner},
+                       "grad": next(model.parameters()).main_grad.flatten()[0].item()}
+    return sizes
+
+
+def test_megatron_ddp_and_optimizer_use_megawans_groups():
+    """wrap_ddp / build_optimizer let megatron read its global groups: a model on other groups (here one
+    rank inside a 2-rank job) had its gradients averaged with the other rank's. megawan's groups now go
+    in as megatron-core 0.16.1's pg_collection (its checkpoint helpers take none: see docs/training.md)."""
+    for rank, sizes in enumerate(run_distributed(_ddp_over_megawan_groups, 2, timeout_s=300)):
+        assert sizes["layout"]["ddp"] == 2 and sizes["layout"]["opt"] == {2}, sizes
+        assert sizes["single"] == {"ddp": 1, "opt": {1}, "grad": float(rank + 1)}, sizes
