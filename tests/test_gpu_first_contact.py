@@ -428,3 +428,60 @@ def test_megatron_ddp_and_optimizer_use_megawans_groups():
     for rank, sizes in enumerate(run_distributed(_ddp_over_megawan_groups, 2, timeout_s=300)):
         assert sizes["layout"]["ddp"] == 2 and sizes["layout"]["opt"] == {2}, sizes
         assert sizes["single"] == {"ddp": 1, "opt": {1}, "grad": float(rank + 1)}, sizes
+
+
+# ---- single-process tests put their inputs where the model is (static check) --------------------------------
+
+_BUILDERS = {"WanDiT", "from_pretrained", "tiny_dit", "WanBlock"}
+_INPUTS = {"make_case", "randn", "_block_case", "initial_noise", "_text"}
+
+
+def _default_device_builds(fn) -> bool:
+    """Whether ``fn`` builds a model on the default groups (``get_groups()``: cuda:0 on a GPU node)."""
+    import ast
+
+    for node in ast.walk(fn):
+        if not isinstance(node, ast.Call):
+            continue
+        name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+        if name not in _BUILDERS:
+            continue
+        groups_given = any(k.arg == "groups" for k in node.keywords) or (name == "WanDiT" and len(node.args) >= 2)
+        if not groups_given:
+            return True
+    return False
+
+
+def _model_names(fn) -> set:
+    """Names bound to a built model in ``fn`` (``model = WanDiT(...)``, ``x = tiny_dit().eval()``, ...)."""
+    import ast
+
+    names = set()
+    for node in ast.walk(fn):
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) and _default_device_builds(node):
+            names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+    return names
+
+
+def test_single_process_tests_take_the_device_fixture():
+    """On a GPU node single-process models live on cuda:0 and CPU inputs are refused: test_budget,
+    test_dit_speed, test_dit_states and the sampling CFG test passed CPU inputs. Every function of the
+    suite that builds a model on the default groups and makes inputs for it takes ``device`` (the
+    conftest fixture) or runs it through ``tests.dit_fixtures.model_output``."""
+    import ast
+    from pathlib import Path
+
+    offenders = []
+    for path in sorted(Path(__file__).parent.glob("test_*.py")):
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, ast.FunctionDef) or not _default_device_builds(fn):
+                continue
+            calls = {n.func.attr if isinstance(n.func, ast.Attribute) else getattr(n.func, "id", "")
+                     for n in ast.walk(fn) if isinstance(n, ast.Call)}
+            params = {a.arg for a in fn.args.args}
+            runs = {"sample", "denoise"} & calls or any(
+                isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in _model_names(fn)
+                for n in ast.walk(fn))
+            if runs and calls & _INPUTS and "device" not in params and "model_output" not in calls:
+                offenders.append(f"{path.name}::{fn.name}")
+    assert not offenders, offenders
