@@ -485,3 +485,62 @@ def test_single_process_tests_take_the_device_fixture():
             if runs and calls & _INPUTS and "device" not in params and "model_output" not in calls:
                 offenders.append(f"{path.name}::{fn.name}")
     assert not offenders, offenders
+
+
+# ---- bench/gpu_check.sh quick: its CPU dry run, and the benches' compile / seed discipline ------------------
+
+def test_gpu_check_quick_dry_run_passes_and_writes_the_table(tmp_path):
+    """The quick stage's steps on CPU at tiny sizes (tests collected, not run): every step exits 0 and the
+    one table holds a row from each step, none marked as not measured."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "GPU_CHECK_DRY_RUN": "1", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(["bash", "bench/gpu_check.sh", "quick", str(tmp_path / "out")], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    table = (tmp_path / "out" / "quick_table.md").read_text()
+    assert "not measured" not in table, table
+    for row in ("tests collected", "block eager, 16 tokens", "train step, 12 tokens", "FP8 block native-rowwise"):
+        assert row in table, (row, table)
+    # a GPU run without its JSON (a step that failed) says so instead of showing a figure
+    (tmp_path / "out" / "train.json").unlink()
+    from bench.quick_table import main as quick_table
+
+    assert "not measured: the step failed or ran out of time (see quick_train.log)" in quick_table([str(tmp_path / "out")])
+    # only the quick stage has a dry run
+    refused = subprocess.run(["bash", "bench/gpu_check.sh", "tests", str(tmp_path / "x")], cwd=root, env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "only the quick stage has a CPU dry run" in refused.stderr
+
+
+def test_block_benches_compile_afresh_for_each_size_and_seed_through_the_model(monkeypatch):
+    """The block and FP8 benches reset dynamo once per mode, so their second size ran a dynamic-shape
+    recompile; and they seeded with torch.manual_seed, which on CUDA left megatron's RNG tracker out (other
+    weights per mode). Now: one dynamo reset per (mode, size), and the model's own seeded initialisation."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    resets, seeds = [], []
+    for name, argv in (("bench_dit_block_gpu", ["--modes", "compiled", "compiled-bf16-stream"]),
+                       ("bench_dit_fp8_gpu", ["--compile", "--no-model", "--text-dim", "32",
+                                              "--modes", "off", "native-tensorwise"])):
+        spec = importlib.util.spec_from_file_location(name, root / "bench" / f"{name}.py")
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        real_wandit = bench.WanDiT
+
+        def wandit(*args, seed=None, **kw):
+            seeds.append(seed)
+            return real_wandit(*args, seed=seed, **kw)
+
+        monkeypatch.setattr(bench, "WanDiT", wandit)
+        monkeypatch.setattr(bench, "compile_blocks", lambda blocks: None)  # the reset discipline, not inductor
+        monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(name))
+        bench.main(["--cpu-smoke", "--dim", "64", "--heads", "4", "--ffn-dim", "128", "--tokens", "16", "24",
+                    "--warmup", "0", "--iters", "1"] + argv)
+    assert resets.count("bench_dit_block_gpu") == 4 and resets.count("bench_dit_fp8_gpu") == 4, resets
+    assert seeds == [0, 0, 0], seeds
