@@ -89,6 +89,7 @@ class DiTBackend:
         # only the parallel, precision and initialisation fields.
         mp_config = TransformerConfig(
             num_layers=1, hidden_size=groups.tp, num_attention_heads=groups.tp,
+            cuda_graph_scope=[],  # megatron's default ("full") is its deprecated spelling of [] and warns
             tensor_model_parallel_size=groups.tp, context_parallel_size=groups.cp,
             sequence_parallel=runtime.sequence_parallel and groups.tp > 1, params_dtype=runtime.dtype,
             # On every device: each full weight is drawn on the CPU from the global RNG, then sliced,

@@ -61,7 +61,8 @@ def wrap_ddp(model, groups, *, bucket_size: int | None = None) -> DistributedDat
         num_layers=cfg.num_layers, hidden_size=cfg.dim, num_attention_heads=cfg.num_heads,
         tensor_model_parallel_size=groups.tp, context_parallel_size=groups.cp,
         sequence_parallel=model.sequence_parallel, bf16=model.runtime.dtype == torch.bfloat16,
-        params_dtype=model.runtime.dtype, use_cpu_initialization=groups.device.type == "cpu")
+        params_dtype=model.runtime.dtype, use_cpu_initialization=groups.device.type == "cpu",
+        cuda_graph_scope=[])  # megatron's default ("full") is its deprecated spelling of [] and warns
     ddp_config = DistributedDataParallelConfig(
         use_distributed_optimizer=True, grad_reduce_in_fp32=True,
         # overlapping needs CUDA streams; on CPU ranks the reduction runs after backward
