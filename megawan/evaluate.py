@@ -109,9 +109,8 @@ def main(argv=None) -> dict:
 
     groups = start_groups(args.tp, args.cp, config.num_heads)
     dev = groups.device
-    model = WanDiT.from_pretrained(files.dit, groups=groups, state_dim=args.state_dim,
-                                   runtime=DiTRuntime(dtype=DTYPES[args.dtype],
-                                                      linear_impl="local" if dev.type == "cpu" else "auto"))
+    model = WanDiT.from_pretrained(files.dit, dtype=DTYPES[args.dtype], groups=groups, state_dim=args.state_dim,
+                                   runtime=DiTRuntime(linear_impl="local" if dev.type == "cpu" else "auto"))
     vae = WanVAE38.from_pretrained(files.vae, device=dev)
     sampling = SamplingConfig(steps=args.steps, shift=args.shift, solver=args.solver, guidance=1.0)
     result = evaluate_rollouts(model, vae, clips, groups, text=text, config=sampling, context_frames=args.context_frames,

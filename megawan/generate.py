@@ -175,8 +175,8 @@ def main(argv=None) -> list[dict]:
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    runtime = DiTRuntime(dtype=DTYPES[args.dtype], linear_impl="local" if dev.type == "cpu" else "auto")
-    model = WanDiT.from_pretrained(files.dit, groups=groups, runtime=runtime,
+    runtime = DiTRuntime(linear_impl="local" if dev.type == "cpu" else "auto")
+    model = WanDiT.from_pretrained(files.dit, dtype=DTYPES[args.dtype], groups=groups, runtime=runtime,
                                    state_dim=args.state_dim)
     vae = WanVAE38.from_pretrained(files.vae, device=dev)
     sampler = WanSampler(model, vae, groups, sampling)

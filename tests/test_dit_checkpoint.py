@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from dataclasses import replace
 
 import pytest
 import torch
@@ -64,7 +63,7 @@ def test_converter_round_trip_and_bf16(ckpts, tmp_path):
     a, b = _state(ckpts / "diffusers"), _state(tmp_path / "back")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     convert(ckpts / "official", tmp_path / "bf16", to="official", dtype="bf16")
-    m = WanDiT.from_pretrained(tmp_path / "bf16", runtime=replace(RT, dtype=torch.bfloat16))
+    m = WanDiT.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16, runtime=RT)
     ref = _state(ckpts / "official")["blocks.0.cross_attn.q.weight"].to(torch.bfloat16)
     assert torch.equal(m.blocks[0].cross_attn.q.weight.cpu(), ref)  # the model sits on GPU 0 on a GPU node
 

@@ -169,6 +169,9 @@ def test_from_pretrained_takes_the_dtype_from_one_place(tmp_path):
         WanDiT.from_pretrained(tmp_path / "ckpt", dtype=torch.float32,
                                runtime=DiTRuntime(dtype=torch.bfloat16, linear_impl="local"))
     assert WanDiT.from_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16).runtime.dtype == torch.bfloat16
+    # dtype= sets the dtype of a runtime that did not set its own (README's usage)
+    assert WanDiT.from_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16,
+                                  runtime=rt).blocks[0].ffn.fc1.weight.dtype == torch.bfloat16
 
 
 # ---- precompute over NCCL ----------------------------------------------------------------------------------

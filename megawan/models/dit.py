@@ -281,13 +281,16 @@ class WanDiT(nn.Module):
         Reads ``config.json`` (official or diffusers), detects the key layout, and reads only this
         rank's TP slices of each tensor (lazy safetensors slicing). ``state_dim`` adds world-model
         state conditioning to a released model (its embedder starts at zero: outputs are unchanged).
-        The GEMM dtype is ``runtime.dtype``; ``dtype`` is a shorthand for it without a runtime (default
-        float32). Given both, they must agree: a disagreement is an error naming both, never a silent pick.
+        The GEMM dtype comes from one place: ``dtype`` when given (it sets the runtime's), else
+        ``runtime.dtype`` (float32 without either). A runtime whose dtype was set to something other than
+        the default float32 and disagrees with ``dtype`` is an error naming both, never a silent pick.
         """
-        if runtime is not None and dtype is not None and dtype != runtime.dtype:
-            raise ValueError(f"from_pretrained(dtype={dtype}) disagrees with runtime.dtype={runtime.dtype}: "
-                             f"give the dtype once (in the runtime, or as dtype= without a runtime)")
-        runtime = runtime or DiTRuntime(dtype=dtype or torch.float32)
+        runtime = runtime or DiTRuntime()
+        if dtype is not None and dtype != runtime.dtype:
+            if runtime.dtype != DiTRuntime().dtype:
+                raise ValueError(f"from_pretrained(dtype={dtype}) disagrees with runtime.dtype={runtime.dtype}: "
+                                 f"give the dtype once (dtype= or DiTRuntime(dtype=...))")
+            runtime = replace(runtime, dtype=dtype)
         config = WanDiTConfig.load(path)
         if state_dim is not None:
             config = replace(config, state_dim=state_dim)
