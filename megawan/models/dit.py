@@ -31,8 +31,6 @@ from megawan.parallel_state import ParallelGroups
 __all__ = ["WanDiT", "WanBlock", "WanDiTConfig", "DiTRuntime"]
 
 
-
-
 class WanBlock(nn.Module):
     """One Wan block: modulated self-attention, cross-attention (no gate), modulated FFN.
 
