@@ -9,7 +9,9 @@ setup(
     package_data={"megawan.presets": ["*/*.json", "*/*.yaml"]},  # model presets, read through importlib.resources
     install_requires=[
         "torch>=2.4",
-        "megatron-core>=0.16",
+        # megawan patches private APIs of these two (megawan/compat.py): the versions the patches are written
+        # for; another version fails loudly at the first patch that no longer applies
+        "megatron-core==0.16.1",
         "safetensors>=0.4",
         "numpy",
         "einops",
@@ -20,7 +22,7 @@ setup(
         "av>=12",
         "transformers>=4.45",  # umT5 text encoder (megawan.tools.precompute, megawan.generate)
         "pillow",  # PNG contact sheets, image inputs (megawan.generate)
-        "torchao>=0.18",  # float8 scales / casts / scaled GEMM of the native FP8 path (megawan/layers/fp8.py)
+        "torchao==0.18.0",  # float8 scales / casts / scaled GEMM of the native FP8 path (megawan/layers/fp8.py)
     ],
     extras_require={
         # diffusers is the independent reference; the CPU video decoders are compared with each other

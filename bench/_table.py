@@ -1,6 +1,9 @@
-"""Markdown tables for the benchmark scripts' printed figures."""
+"""Markdown tables for the benchmark scripts' printed figures, and the same rows as JSON (``--json``)."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 
 def format_table(rows: list[list], header: list[str], left_columns: int = 0) -> str:
@@ -13,3 +16,10 @@ def format_table(rows: list[list], header: list[str], left_columns: int = 0) -> 
 
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(header), sep] + [line(r) for r in rows])
+
+
+def write_rows_json(path, header: list[str], rows: list[list], **meta) -> None:
+    """The printed table's rows as a list of {column: cell}, plus ``meta`` (bench/quick_table.py reads it)."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps({**meta, "rows": [dict(zip(header, map(str, r))) for r in rows]}, indent=1))

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._table import format_table  # noqa: E402
+from bench._table import format_table, write_rows_json  # noqa: E402
 from bench.bench_dit_block_gpu import GRIDS, _time, run_case  # noqa: E402
 
 from megawan import parallel_state  # noqa: E402
@@ -38,8 +38,9 @@ from megawan.models.dit import DiTRuntime, WanDiT, WanDiTConfig, compile_blocks 
 def _runtime(mode: str, attention_backend: str, checkpointing: bool = False) -> DiTRuntime:
     # native FP8 replaces the GEMMs of megatron's local linears; TE modes use TE's linears
     linear = "te" if mode.startswith("te-") else "local"
+    # compile_blocks explicit: the default (None) would compile on CUDA, so "eager" rows would not be eager
     return DiTRuntime(dtype=torch.bfloat16, linear_impl=linear, attention_backend=attention_backend, fp8=mode,
-                      activation_checkpointing=checkpointing)
+                      activation_checkpointing=checkpointing, compile_blocks=False)
 
 
 def block_update(block, cfg, tokens, grid, device) -> torch.Tensor:
@@ -58,16 +59,18 @@ def bench_blocks(args, groups, device, modes):
                        text_dim=args.text_dim)
     rows, base = [], {}
     for mode in modes:
-        torch.manual_seed(0)
-        model = WanDiT(cfg, groups, _runtime(mode, args.attention_backend))
+        # seeded through the model's one initialisation path: every mode gets the same weights, on any device
+        model = WanDiT(cfg, groups, _runtime(mode, args.attention_backend), seed=0)
         block = model.blocks[0].to(device).train()
         block._fp8_context = model.backend.fp8_autocast  # TE modes: the model's autocast around the block
-        if args.compile and not mode.startswith("te-"):
-            # a fresh compile cache per mode: every mode's variants (token counts, grad on / off) stay
-            # far below dynamo's recompile limit, past which it would silently run the block eagerly
-            torch._dynamo.reset()
+        compiled = args.compile and not mode.startswith("te-")  # TE modules are never compiled (graph breaks)
+        if compiled:
             compile_blocks([block])  # as WanDiT does (the FP8 casts fuse into the block's graph)
         for tokens in args.tokens:
+            if compiled:
+                # A fresh compile per token count: the timed graph is the static one a run at this one
+                # resolution gets, not dynamo's dynamic-shape recompile after the previous size.
+                torch._dynamo.reset()
             grid = GRIDS.get(tokens, (1, 1, tokens))
             with block._fp8_context():
                 r = run_case(block, cfg, tokens, grid, device, args.warmup, args.iters)
@@ -88,8 +91,10 @@ def bench_blocks(args, groups, device, modes):
     print(f"One block{' (torch.compile, te-* modes eager)' if args.compile else ' (eager)'}: "
           f"dim {cfg.dim}, {cfg.num_heads} heads, ffn {cfg.ffn_dim}; warmup {args.warmup}, "
           f"iters {args.iters}; TFLOP/s bf16-equivalent\n")
-    print(format_table(rows, ["fp8", "tokens", "fwd ms", "fwd TFLOP/s", "fwd+bwd ms", "fwd+bwd TFLOP/s",
-                              "fwd+bwd speedup vs off", "peak GiB", "rel err vs off"]))
+    header = ["fp8", "tokens", "fwd ms", "fwd TFLOP/s", "fwd+bwd ms", "fwd+bwd TFLOP/s", "fwd+bwd speedup vs off",
+              "peak GiB", "rel err vs off"]
+    print(format_table(rows, header))
+    write_rows_json(args.json, header, rows, compiled=bool(args.compile))
 
 
 def bench_model(args, groups, device, modes):
@@ -106,8 +111,8 @@ def bench_model(args, groups, device, modes):
     text = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g).to(device)
     rows, base = [], None
     for mode in modes:
-        torch.manual_seed(0)
-        model = WanDiT(cfg, groups, _runtime(mode, args.attention_backend, checkpointing=True)).to(device).train()
+        model = WanDiT(cfg, groups, _runtime(mode, args.attention_backend, checkpointing=True), seed=0)
+        model = model.to(device).train()
 
         def step():
             model.zero_grad(set_to_none=True)
@@ -149,6 +154,7 @@ def main(argv=None) -> None:
     p.add_argument("--model-latents", type=int, nargs=3, default=[31, 44, 80], metavar=("F", "H", "W"))
     p.add_argument("--cpu-smoke", action="store_true",
                    help="run on CPU (tiny dims) to check the script itself; its figures are not benchmarks")
+    p.add_argument("--json", default=None, help="also write the block table's rows to this JSON file")
     args = p.parse_args(argv)
     if not torch.cuda.is_available() and not args.cpu_smoke:
         raise SystemExit("bench_dit_fp8_gpu.py: no CUDA device found; nothing was measured. Run it on a GPU "

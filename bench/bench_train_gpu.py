@@ -15,7 +15,7 @@ Reported: seconds per step (median of --repeats after a warm-up), tokens/s, mode
 ``megawan.training.budget.dit_flops`` (3 x forward FLOPs; recomputation not counted) over --peak-tflops
 (989: H100 SXM dense bf16), peak memory, and the relative difference of the two models' first velocities.
 
-    python bench/bench_train_gpu.py [--cases 5120 27280] [--repeats 3] [--no-optimizer]
+    python bench/bench_train_gpu.py [--cases 5120 27280] [--repeats 3] [--no-optimizer] [--compile] [--json F]
     python bench/bench_train_gpu.py --tiny        # CPU smoke test at tiny width (fp32): also checks that
                                                   # both models compute the same velocity and gradients
 """
@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._table import format_table  # noqa: E402
+from bench._table import format_table, write_rows_json  # noqa: E402
 from megawan import parallel_state  # noqa: E402
 from megawan.checkpoint.dit_io import iter_full_state  # noqa: E402
 from megawan.checkpoint.dit_keys import official_keys, to_layout  # noqa: E402
@@ -157,6 +157,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--no-optimizer", action="store_true", help="time forward + backward only")
     p.add_argument("--peak-tflops", type=float, default=989.0)
     p.add_argument("--tiny", action="store_true", help="tiny width, fp32, on CPU: a smoke test with parity checks")
+    p.add_argument("--compile", action="store_true",
+                   help="both models' blocks compiled (megawan compile_blocks, diffusers compile_repeated_blocks)")
+    p.add_argument("--json", default=None, help="also write the table's rows to this JSON file")
     args = p.parse_args(argv)
     if not args.tiny and not torch.cuda.is_available():
         sys.exit("bench_train_gpu.py needs a CUDA GPU (or --tiny for the CPU smoke test)")
@@ -170,17 +173,22 @@ def main(argv=None) -> list[dict]:
     dev = groups.device
     cfg = WanDiTConfig.load("tiny") if args.tiny else WanDiTConfig()
     dtype = torch.float32 if args.tiny else torch.bfloat16
-    torch.manual_seed(0)
-    rt = DiTRuntime(dtype=dtype, activation_checkpointing=True, linear_impl="local" if args.tiny else "auto")
-    ours = WanDiT(cfg, groups, rt)
+    # compile_blocks explicit: both sides compiled (--compile) or both eager, never one of each
+    rt = DiTRuntime(dtype=dtype, activation_checkpointing=True, linear_impl="local" if args.tiny else "auto",
+                    compile_blocks=args.compile)
+    ours = WanDiT(cfg, groups, rt, seed=0)  # the model's one (layout- and device-independent) initialisation
     theirs = diffusers_twin(ours, dtype)
     if not args.tiny:
         theirs.enable_gradient_checkpointing()
+    if args.compile:
+        theirs.compile_repeated_blocks()  # diffusers' regional compilation, as megawan compiles each block
     ours.train()
     theirs.train()
 
     results, rows = [], []
     for tokens in wanted:
+        if args.compile:
+            torch._dynamo.reset()  # each size gets the static graphs a run at that one size gets
         r = run_case(ours, theirs, cfg, cases[tokens], args, dev, dtype)
         results.append(r)
         flops = dit_flops(cfg, tokens, batch=1)
@@ -195,7 +203,10 @@ def main(argv=None) -> list[dict]:
     print(f"{device}; Wan DiT dim {cfg.dim} x {cfg.num_layers} layers, {dtype}, batch 1, activation checkpointing, "
           f"{'no optimizer' if args.no_optimizer else 'AdamW'}; median of {args.repeats}; MFU over "
           f"{args.peak_tflops:g} TFLOP/s")
-    print(format_table(rows, ["model", "tokens", "s/step", "tokens/s", "TFLOP/s", "MFU", "peak GiB"], left_columns=1))
+    header = ["model", "tokens", "s/step", "tokens/s", "TFLOP/s", "MFU", "peak GiB"]
+    print(format_table(rows, header, left_columns=1))
+    write_rows_json(args.json, header, rows, device=device, compiled=args.compile,
+                    v_rel={r["tokens"]: r["v_rel"] for r in results})
     return results
 
 

@@ -1,9 +1,19 @@
 #!/usr/bin/env bash
-# One prepared run for a GPU machine (H100/H200): the checks and timings that need a GPU, in one go.
-# 1. the test suite on the GPU machine: default (GPU 0 + gloo CPU ranks), then MEGAWAN_TEST_BACKEND=nccl;
-# 2. the fast paths on one GPU: Transformer Engine linears and flash-attn/TE attention vs the
-#    local/torch paths (bf16), when those packages are installed;
-# Stages (each well under the device tool's 10-minute limit per call; run them as separate calls):
+# One prepared run for a GPU machine (H100/H200): the checks and timings that need a GPU.
+# A lent GPU gives 15 minutes in all (start-up included) and 10 minutes a call: run `quick` first, alone.
+#   quick  (at most 8 minutes on one H100/H200; every step has its own time limit, the limits add up to
+#          460 s) in this order:
+#          1. the suite's CUDA-relevant single-process tests on GPU 0 (cuDNN attention fwd+bwd vs the math
+#             kernel, the attention / compile / init choices, fused functions, FP8 GEMMs and blocks, the
+#             state-conditioned model, FLOP counts, sampling): QUICK_TESTS below;
+#          2. bench_dit_block_gpu.py: one full-width block, compiled, at 5,120 and 27,280 tokens (TFLOP/s,
+#             a fresh compile per size);
+#          3. bench_train_gpu.py --compile: the full 5B train step at 5,120 tokens, megawan beside diffusers'
+#             WanTransformer3DModel, both compiled (s/step, peak GiB);
+#          4. bench_dit_fp8_gpu.py: the FP8 block against bf16 at 5,120 and 27,280 tokens (eager);
+#          5. bench/quick_table.py: one table of the above, OUT_DIR/quick_table.md (printed at the end).
+#          CPU dry run (no CUDA call; the same steps with tiny sizes on CPU, the tests only collected):
+#            GPU_CHECK_DRY_RUN=1 bash bench/gpu_check.sh quick OUT_DIR   (tests/test_gpu_first_contact.py runs it)
 #   tests  the test suite on the GPU machine: default (GPU 0 + gloo CPU ranks), then MEGAWAN_TEST_BACKEND=nccl
 #          when there are 2+ GPUs; the fast paths on one GPU: TE linears, cuDNN / flash-attn / TE attention
 #          vs the local / torch paths (bf16), when those packages are installed;
@@ -17,11 +27,13 @@
 #          then compiled. Needs torchao: carry its wheel (fetch_wheels.sh torchao==0.18.0);
 #   train  (issue 10) bench_train_gpu.py: a full-width 5B train step at 5,120 and 27,280 tokens beside
 #          diffusers' WanTransformer3DModel doing the same step, tokens/s, MFU, peak memory.
-#   bash bench/gpu_check.sh STAGE [OUT_DIR]      (STAGE: tests | speed | fp8 | train | all)
+#   bash bench/gpu_check.sh STAGE [OUT_DIR]      (STAGE: quick | tests | speed | fp8 | train | all; all = the
+#                                                  last four, 9-13 minutes each: one loan per stage)
 # Not yet run: no session so far had a GPU machine. Wheels first (../shared/device/README.md): the image
 # lacks megatron-core, diffusers, PyAV (a core dependency: the sample data and the 1X reader) and torchao:
 #   here:  bash ../shared/device/fetch_wheels.sh av torchao==0.18.0   (46 MB of wheels; carry=[".whl"])
 #   there: python3 -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl && export PYTHONPATH=$PWD/.site:$PWD
+#   then:  bash bench/gpu_check.sh quick outputs/gpu_check      (the device tool: timeout_s 540)
 # (it has pytest, pytest-xdist, safetensors, einops, transformers, tensorboard, psutil, pyyaml, scikit-image;
 # the test extras torchcodec / decord are absent: their decoder tests skip, saying so under -rs)
 # Each step has a time limit, logs its output, and the script carries on past a failing step, so one run
@@ -30,10 +42,16 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${1:-all}
 OUT=${2:-outputs/gpu_check}
-case "$STAGE" in tests|speed|fp8|train|all) ;; *) echo "usage: $0 tests|speed|fp8|train|all [OUT_DIR]" >&2; exit 2;; esac
+DRY=${GPU_CHECK_DRY_RUN:-0}
+case "$STAGE" in quick|tests|speed|fp8|train|all) ;; *) echo "usage: $0 quick|tests|speed|fp8|train|all [OUT_DIR]" >&2; exit 2;; esac
+if [ "$DRY" = 1 ] && [ "$STAGE" != quick ]; then echo "GPU_CHECK_DRY_RUN=1: only the quick stage has a CPU dry run" >&2; exit 2; fi
 want() { [ "$STAGE" = all ] || [ "$STAGE" = "$1" ]; }
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
+if [ "$DRY" = 1 ]; then
+  echo "DRY RUN on CPU: the quick stage's steps at tiny sizes, tests collected only; no figure is a measurement" | tee "$OUT/gpu.txt"
+else
+  nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
+fi
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
 # Preflight: what the whole run needs, named at once rather than as a failure minutes in.
 python - <<'PY' || exit 3
@@ -59,6 +77,29 @@ tstep() {
   [ "$rc" -eq 0 ] || FAILED=1
 }
 NGPU=$(python -c "import torch; print(torch.cuda.device_count())")
+# The quick stage's tests: single-process tests whose models run on GPU 0 (no multi-rank test: those run
+# gloo ranks on the CPU and belong to the `tests` stage).
+QUICK_TESTS="tests/test_gpu_first_contact.py tests/test_dit_speed.py tests/test_dit_fp8.py tests/test_dit_states.py
+  tests/test_budget.py tests/test_sampling_pipeline.py"
+QUICK_K="(cudnn or auto_attention or from_pretrained or seeded or fused or default_is_on or logged"
+QUICK_K="$QUICK_K or recomputation_gives or fp8_mm or close_to_bf16 or covers or bitwise or states or flops"
+QUICK_K="$QUICK_K or cfg_batched or ti2v_first or world_model_keeps) and not tp2 and not parallel_layouts and not refused"
+if [ "$STAGE" = quick ]; then
+if [ "$DRY" = 1 ]; then
+  tstep quick_tests 120 python -m pytest $QUICK_TESTS -q --collect-only -k "$QUICK_K"
+  SMOKE="--cpu-smoke --dim 64 --heads 4 --ffn-dim 128 --warmup 0 --iters 1"
+  tstep quick_block 120 python bench/bench_dit_block_gpu.py $SMOKE --tokens 16 24 --modes eager --json "$OUT/block.json"
+  tstep quick_train 150 python bench/bench_train_gpu.py --tiny --cases 12 --repeats 1 --json "$OUT/train.json"
+  tstep quick_fp8 60 python bench/bench_dit_fp8_gpu.py $SMOKE --text-dim 32 --tokens 16 24 --no-model --json "$OUT/fp8.json"
+else
+  XDIST=$(python -c "import xdist" 2>/dev/null && echo "-n 4" || true)
+  tstep quick_tests 140 env OMP_NUM_THREADS=2 python -m pytest $QUICK_TESTS -q -rs $XDIST -k "$QUICK_K"
+  tstep quick_block 110 python bench/bench_dit_block_gpu.py --tokens 5120 27280 --modes compiled --warmup 2 --iters 5 --json "$OUT/block.json"
+  tstep quick_train 150 python bench/bench_train_gpu.py --cases 5120 --repeats 2 --compile --json "$OUT/train.json"
+  tstep quick_fp8 60 python bench/bench_dit_fp8_gpu.py --tokens 5120 27280 --no-model --warmup 2 --iters 5 --json "$OUT/fp8.json"
+fi
+tstep quick_table 20 python bench/quick_table.py "$OUT"  # its log tail is the table
+fi
 # The whole suite with single-process tests on GPU 0 and gloo ranks on CPU (the default), then with NCCL
 # ranks (tests needing more GPUs than this machine has are skipped, and say so under -rs).
 if want tests; then

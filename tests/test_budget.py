@@ -74,13 +74,13 @@ _CPU_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa,
              torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward}
 
 
-def _counted(model, cfg, frames, size, backward):
+def _counted(model, cfg, frames, size, backward, device):
     g = torch.Generator().manual_seed(0)
     b = 2
-    x = torch.randn(b, cfg.in_channels, frames, size, size, generator=g)
+    x = torch.randn(b, cfg.in_channels, frames, size, size, generator=g).to(device)
     tokens = frames * (size // 2) ** 2
-    t = torch.full((b, tokens), 500.0)  # per-token timesteps, as training uses
-    text = torch.randn(b, cfg.text_len, cfg.text_dim, generator=g)
+    t = torch.full((b, tokens), 500.0, device=device)  # per-token timesteps, as training uses
+    text = torch.randn(b, cfg.text_len, cfg.text_dim, generator=g).to(device)
     with FlopCounterMode(display=False, custom_mapping=_CPU_SDPA) as counter:
         out = model(x, t, text)
         if backward:
@@ -90,31 +90,35 @@ def _counted(model, cfg, frames, size, backward):
 
 @pytest.mark.parametrize("cfg", [TINY, OTHER], ids=["tiny", "other"])
 @pytest.mark.parametrize("frames,size", [(3, 4), (5, 8)])
-def test_forward_flops_equal_torchs_count(cfg, frames, size):
+def test_forward_flops_equal_torchs_count(cfg, frames, size, device):
     """Forward: torch counts every matmul (2 x m x n x k; the patch embedding, text / time MLPs, q/k/v/o,
     FFN, head) and the attention cores (SDPA: QK^T and PV); dit_flops counts the same terms by formula,
     so the two agree exactly (norms, softmax and element-wise ops are in neither)."""
     torch.manual_seed(0)
-    counted, tokens, b = _counted(WanDiT(cfg, runtime=RT).eval(), cfg, frames, size, backward=False)
+    counted, tokens, b = _counted(WanDiT(cfg, runtime=RT).eval(), cfg, frames, size, False, device)
     assert counted == dit_flops(cfg, tokens, batch=b, backward=False)
 
 
 @pytest.mark.parametrize("cfg", [TINY, OTHER], ids=["tiny", "other"])
-def test_training_flops_are_three_forwards_within_2_percent(cfg):
+def test_training_flops_are_three_forwards_within_2_percent(cfg, device):
     """Forward + backward: dit_flops uses the 3 x forward convention (MFU as Megatron reports it).
     torch counts the real backward: no input gradient for the first layers (latents, text and sinusoid
     inputs need none: fewer) and 2.5 x forward for the attention cores (more); within 2% here."""
     torch.manual_seed(0)
-    counted, tokens, b = _counted(WanDiT(cfg, runtime=RT), cfg, 5, 8, backward=True)
+    counted, tokens, b = _counted(WanDiT(cfg, runtime=RT), cfg, 5, 8, True, device)
     assert counted == pytest.approx(dit_flops(cfg, tokens, batch=b), rel=0.02)
 
 
 # ---- activations kept for backward ---------------------------------------------------------------
 
 def _held_bytes(cfg, runtime, latent_h: int) -> int:
-    """Bytes a training forward leaves allocated (kept for backward, plus the output), CPU profiler."""
+    """Bytes a training forward leaves allocated (kept for backward, plus the output), CPU profiler: the
+    model is built on the CPU whatever the machine (``device`` fixture's exception)."""
+    from megawan import parallel_state
+
+    on_cpu = dataclasses.replace(parallel_state.get_groups(), device=torch.device("cpu"))
     torch.manual_seed(0)
-    model = WanDiT(cfg, runtime=runtime).train()
+    model = WanDiT(cfg, on_cpu, runtime).train()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, cfg.in_channels, 3, latent_h, 8, generator=g)
     t = torch.full((1,), 500.0)

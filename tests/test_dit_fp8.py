@@ -30,11 +30,6 @@ BLOCK_GEMMS = ("self_attn.qkv", "self_attn.o", "cross_attn.q", "cross_attn.k", "
                "ffn.fc1", "ffn.fc2")
 
 
-def _device() -> torch.device:
-    """Where single-process models live (cuda:0 on a GPU node): inputs go there, results come back."""
-    return parallel_state.get_groups().device
-
-
 def _on(device, *tensors):
     return tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in tensors)
 
@@ -78,13 +73,13 @@ def _block_case(seed=0, frames=2, h=4, w=4, batch=2):
     return x, e0, context, cos, sin, n
 
 
-def _run_block(mode, state, case, weight):
+def _run_block(mode, state, case, weight, device):
     """The block's update (out - x), the gradients of sum(update * weight) for x, the context and weights."""
     torch.manual_seed(0)
     backend = DiTBackend.build(parallel_state.get_groups(), _runtime(mode))
-    block = WanBlock(TINY, backend, torch.bfloat16).to(_device())
+    block = WanBlock(TINY, backend, torch.bfloat16).to(device)
     block.load_state_dict(state)
-    x, e0, context, cos, sin, n = _on(_device(), *case)
+    x, e0, context, cos, sin, n = _on(device, *case)
     x, context = x.clone().requires_grad_(True), context.clone().requires_grad_(True)
     update = block(x, e0, context, cos, sin, n) - x
     (update * weight.to(update.device)).sum().backward()
@@ -93,12 +88,12 @@ def _run_block(mode, state, case, weight):
 
 
 @pytest.mark.parametrize("mode", NATIVE)
-def test_block_fp8_forward_backward_close_to_bf16(mode):
+def test_block_fp8_forward_backward_close_to_bf16(mode, device):
     case = _block_case()
     weight = torch.randn(case[0].shape, generator=torch.Generator().manual_seed(2))
     torch.manual_seed(0)
     state = WanBlock(TINY, DiTBackend.build(parallel_state.get_groups(), _runtime()), torch.bfloat16).state_dict()
-    ref, out = _run_block("off", state, case, weight), _run_block(mode, state, case, weight)
+    ref, out = _run_block("off", state, case, weight, device), _run_block(mode, state, case, weight, device)
     assert 0 < rel_err(out[0], ref[0]) < BLOCK_FWD_BOUND
     grads = {"x": rel_err(out[1], ref[1]), "context": rel_err(out[2], ref[2]),
              **{k: rel_err(out[3][k], ref[3][k]) for k in ref[3] if k.endswith(".weight") and "norm" not in k}}
@@ -107,12 +102,12 @@ def test_block_fp8_forward_backward_close_to_bf16(mode):
 
 
 @pytest.mark.parametrize("mode", NATIVE)
-def test_fp8_covers_the_block_gemms_and_nothing_else(mode, monkeypatch):
+def test_fp8_covers_the_block_gemms_and_nothing_else(mode, monkeypatch, device):
     """8 FP8 GEMMs per FP8 block forward, 16 in backward; none outside the blocks; edge blocks in bf16."""
     calls = []
     real = torch._scaled_mm
     monkeypatch.setattr(torch, "_scaled_mm", lambda a, b, **kw: calls.append(a.shape) or real(a, b, **kw))
-    x, t, text = _on(_device(), *make_case(2, 4, 4, per_token=True, batch=1))
+    x, t, text = _on(device, *make_case(2, 4, 4, per_token=True, batch=1))
     outs = {}
     for edge in (0, 1):
         torch.manual_seed(0)
@@ -136,9 +131,9 @@ def test_fp8_covers_the_block_gemms_and_nothing_else(mode, monkeypatch):
     assert 0 < rel_err(outs[0], bf16) < MODEL_BOUND
 
 
-def test_fp8_with_activation_checkpointing_is_bitwise_the_same():
+def test_fp8_with_activation_checkpointing_is_bitwise_the_same(device):
     """Recomputation recomputes the same dynamic scales: grads equal those of the stored activations."""
-    case = _on(_device(), *make_case(2, 4, 4, per_token=True, batch=1))
+    case = _on(device, *make_case(2, 4, 4, per_token=True, batch=1))
     grads = []
     for ckpt in (False, True):
         torch.manual_seed(0)
@@ -148,13 +143,13 @@ def test_fp8_with_activation_checkpointing_is_bitwise_the_same():
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
-def test_fp8_block_compiles_without_graph_breaks():
+def test_fp8_block_compiles_without_graph_breaks(device):
     """torch.compile (dynamo + AOT autograd, fullgraph) traces the FP8 linears: same numbers as eager."""
     case = _block_case(h=2, w=2)
     torch.manual_seed(0)
     block = WanBlock(TINY, DiTBackend.build(parallel_state.get_groups(), _runtime("native-tensorwise")),
-                     torch.bfloat16).to(_device())
-    x, e0, context, cos, sin, n = _on(_device(), *case)
+                     torch.bfloat16).to(device)
+    x, e0, context, cos, sin, n = _on(device, *case)
     results = []
     for fn in (block, torch.compile(block, backend="aot_eager", fullgraph=True)):
         xx = x.clone().requires_grad_(True)
@@ -226,7 +221,7 @@ def test_tp2_cp2_fp8_matches_tp1_fp8(tmp_path):
 
 # ---- training and checkpoints -------------------------------------------------------------------
 
-def _train(mode: str, steps: int, model=None):
+def _train(mode: str, steps: int, device, model=None):
     """Train the tiny DiT (bf16 weights and GEMMs, fp32 master weights as Megatron keeps them, AdamW) on
     fixed synthetic latents with the TI2V flow-matching objective; the draws are identical for every mode.
     Returns the per-step losses and the model."""
@@ -239,9 +234,8 @@ def _train(mode: str, steps: int, model=None):
     master = [p.detach().float().clone().requires_grad_(True) for p in params]
     opt = torch.optim.AdamW(master, lr=2e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(7)
-    dev = _device()
     x0 = torch.randn(2, TINY.in_channels, 3, 4, 4, generator=g)
-    text = make_case(3, 4, 4, per_token=False)[2].to(dev)
+    text = make_case(3, 4, 4, per_token=False)[2].to(device)
     clean = torch.tensor([1, 1])
     cfg = fm.FlowMatchingConfig()
     losses = []
@@ -249,7 +243,7 @@ def _train(mode: str, steps: int, model=None):
         noise = torch.randn(x0.shape, generator=g)
         sigma = fm.sample_sigmas(2, cfg, g)
         x_t, t = fm.noisy_latents(x0, noise, sigma, clean), fm.token_timesteps(sigma, clean, (3, 2, 2))
-        pred = model(x_t.to(dev), t.to(dev), text).cpu()
+        pred = model(x_t.to(device), t.to(device), text).cpu()
         loss = fm.flow_matching_loss(pred, x0, noise, clean)
         model.zero_grad(set_to_none=True)
         loss.backward()
@@ -266,13 +260,13 @@ def _train(mode: str, steps: int, model=None):
 LOSS_BAND = 0.03  # relative gap of the 5-step moving average of the loss, FP8 vs bf16, at every step
 
 
-def test_fp8_training_tracks_the_bf16_loss_curve():
+def test_fp8_training_tracks_the_bf16_loss_curve(device):
     steps = 30
-    ref, _ = _train("off", steps)
+    ref, _ = _train("off", steps, device)
     smooth = lambda l: l.unfold(0, 5, 1).mean(1)  # noqa: E731 - one draw's noise level varies a lot
     assert smooth(ref)[-1] < 0.8 * smooth(ref)[0]  # it learns: the comparison is not of flat curves
     for mode in NATIVE:
-        losses, _ = _train(mode, steps)
+        losses, _ = _train(mode, steps, device)
         gap = ((smooth(losses) - smooth(ref)).abs() / smooth(ref)).max().item()
         assert gap < LOSS_BAND, (mode, gap)
 
@@ -284,16 +278,16 @@ def _same_state(a: dict, b: dict) -> bool:
         for k in a)
 
 
-def test_checkpoints_move_between_fp8_and_bf16_runs(tmp_path):
+def test_checkpoints_move_between_fp8_and_bf16_runs(tmp_path, device):
     """FP8 lives only inside the GEMMs: an FP8 run's checkpoint is a bf16 run's (same keys, same bits)
     and the reverse; each run continues from the other's weights."""
-    _, fp8_model = _train("native-rowwise", 3)
+    _, fp8_model = _train("native-rowwise", 3, device)
     fp8_model.save_pretrained(tmp_path / "fp8")
     bf16_model = WanDiT.from_pretrained(tmp_path / "fp8", dtype=torch.bfloat16, runtime=_runtime())
     assert _same_state(fp8_model.state_dict(), bf16_model.state_dict())
     case = make_case(2, 4, 4, per_token=True)
     assert 0 < rel_err(model_output(fp8_model, case), model_output(bf16_model, case)) < MODEL_BOUND
-    _train("off", 2, bf16_model.train())  # the bf16 run goes on, then hands back to FP8
+    _train("off", 2, device, bf16_model.train())  # the bf16 run goes on, then hands back to FP8
     bf16_model.save_pretrained(tmp_path / "bf16")
     back = WanDiT.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16, runtime=_runtime("native-tensorwise"))
     assert _same_state(bf16_model.state_dict(), back.state_dict())

@@ -89,14 +89,14 @@ BACKWARD_LAYOUTS = [(2, 2, True, False), (2, 2, True, True), (2, 2, False, False
                     (4, 1, True, False)]
 
 
-def test_backward_matches_single_process_and_diffusers(checkpoint):
+def test_backward_matches_single_process_and_diffusers(checkpoint, device):
     path, cases, _, ref = checkpoint
     case = cases["ti2v_padded"]
     weight = torch.randn(case[0].shape, generator=torch.Generator().manual_seed(5))
     per_rank = run_distributed(workers.backward_layouts, WORLD, path, case, weight, BACKWARD_LAYOUTS)
 
     single = WanDiT.from_pretrained(path, runtime=DiTRuntime(linear_impl="local"))
-    dev = single.patch_embedding.weight.device  # the GPU on a GPU machine; diffusers stays on CPU
+    dev = device  # the GPU on a GPU machine; diffusers stays on CPU
     x = case[0].detach().clone().to(dev).requires_grad_(True)  # a fresh leaf: the fixture's stays as it is
     one_out = single(x, case[1].to(dev), case[2].to(dev))
     (one_out * weight.to(dev)).sum().backward()

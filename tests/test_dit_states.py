@@ -26,14 +26,18 @@ def released(tmp_path_factory):
 def _states(case, seed=2):
     x = case[0]
     frames = 4 * (x.shape[2] - 1) + 1
-    return torch.randn(x.shape[0], frames, STATE_DIM, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(x.shape[0], frames, STATE_DIM, generator=torch.Generator().manual_seed(seed)).to(x.device)
 
 
-def test_released_checkpoint_is_unchanged_by_zero_initialised_states(released):
+def _case(device, *args):
+    return tuple(t.to(device) for t in make_case(*args))
+
+
+def test_released_checkpoint_is_unchanged_by_zero_initialised_states(released, device):
     plain = WanDiT.from_pretrained(released, runtime=RT).eval()
     world = WanDiT.from_pretrained(released, runtime=RT, state_dim=STATE_DIM).eval()
     assert torch.count_nonzero(world.state_embedding.linear_2.weight) == 0
-    case = make_case(3, 6, 8, True)
+    case = _case(device, 3, 6, 8, True)
     with torch.no_grad():
         assert torch.equal(plain(*case), world(*case, states=_states(case)))
 
@@ -59,11 +63,11 @@ def _trained_world_model(path):
     return model
 
 
-def test_states_change_the_output_and_round_trip_through_the_checkpoint(tmp_path):
+def test_states_change_the_output_and_round_trip_through_the_checkpoint(tmp_path, device):
     model = _trained_world_model(tmp_path / "wm").eval()
     again = WanDiT.from_pretrained(tmp_path / "wm", runtime=RT).eval()
     assert again.config.state_dim == STATE_DIM
-    case = make_case(3, 6, 8, True)
+    case = _case(device, 3, 6, 8, True)
     s = _states(case)
     with torch.no_grad():
         a, b = model(*case, states=s), again(*case, states=s)
@@ -76,31 +80,32 @@ def test_states_change_the_output_and_round_trip_through_the_checkpoint(tmp_path
     assert d[2] > 0  # ... every frame may move through attention, but frame 2 certainly does
 
 
-def test_tp2_cp2_with_states_matches_single_process(tmp_path):
+def test_tp2_cp2_with_states_matches_single_process(tmp_path, device):
     _trained_world_model(tmp_path / "wm")
     case = make_case(3, 6, 6, True)  # 27 tokens: padded at TP2 x CP2
     s = _states(case)
     weight = torch.randn(case[0].shape, generator=torch.Generator().manual_seed(5))
     per_rank = run_distributed(workers.backward_layouts, 4, tmp_path / "wm", case, weight, [(2, 2, True, False)], s)
     single = WanDiT.from_pretrained(tmp_path / "wm", runtime=RT)
-    x = case[0].clone().requires_grad_(True)
-    ref = single(x, case[1], case[2], states=s)
-    (ref * weight).sum().backward()
-    one_grads = {n: p.grad for n, p in single.named_parameters()}
+    x = case[0].to(device).requires_grad_(True)
+    ref = single(x, case[1].to(device), case[2].to(device), states=s.to(device))
+    (ref * weight.to(device)).sum().backward()
+    ref, x_grad_ref = ref.detach().cpu(), x.grad.cpu()
+    one_grads = {n: p.grad.cpu() for n, p in single.named_parameters()}
     assert {"state_embedding.linear_1.weight", "state_embedding.linear_2.weight"} <= set(one_grads)
     for rank, results in enumerate(per_rank):  # every rank holds the whole output and every whole gradient
         out, x_grad, grads = results[(2, 2, True, False)]
-        assert rel_err(out, ref.detach()) <= 1e-5, rank
-        assert rel_err(x_grad, x.grad) <= 1e-5, rank
+        assert rel_err(out, ref) <= 1e-5, rank
+        assert rel_err(x_grad, x_grad_ref) <= 1e-5, rank
         assert set(grads) == set(one_grads), rank
         for name, g in grads.items():
             assert rel_err(g, one_grads[name]) <= 1e-5, (rank, name, rel_err(g, one_grads[name]))
 
 
-def test_bad_states_are_refused(released):
+def test_bad_states_are_refused(released, device):
     plain = WanDiT.from_pretrained(released, runtime=RT)
     world = WanDiT.from_pretrained(released, runtime=RT, state_dim=STATE_DIM)
-    case = make_case(3, 6, 8, True)
+    case = _case(device, 3, 6, 8, True)
     with pytest.raises(ValueError, match="no state conditioning"):
         plain(*case, states=_states(case))
     with pytest.raises(ValueError, match=r"states must be \[B, T, state_dim\] = \[2, 9, 25\]"):

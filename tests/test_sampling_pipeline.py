@@ -63,12 +63,12 @@ def test_guidance_pinning_and_timesteps_follow_the_release():
     assert torch.allclose(out, x, atol=1e-5, rtol=1e-6)
 
 
-def test_cfg_batched_equals_sequential():
+def test_cfg_batched_equals_sequential(device):
     model = tiny_dit()
-    noise = initial_noise((2, 48, 3, 4, 6), [0, 1])
-    text = torch.cat([_text(7, 1), _text(7, 3)])
-    null = _text(3, 2)
-    cond = torch.randn(2, 48, 1, 4, 6, generator=torch.Generator().manual_seed(4))
+    noise = initial_noise((2, 48, 3, 4, 6), [0, 1]).to(device)
+    text = torch.cat([_text(7, 1), _text(7, 3)]).to(device)
+    null = _text(3, 2).to(device)
+    cond = torch.randn(2, 48, 1, 4, 6, generator=torch.Generator().manual_seed(4)).to(device)
     a = denoise(model, noise, text, null, cond_latents=cond, config=dataclasses.replace(FAST, cfg="batched"))
     b = denoise(model, noise, text, null, cond_latents=cond, config=dataclasses.replace(FAST, cfg="sequential"))
     assert rel_err(a, b) <= 1e-6
@@ -91,32 +91,32 @@ def _image(h=64, w=96, seed=5):
     return torch.rand(3, h, w, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
-def test_ti2v_first_latent_frame_is_the_image_latent_and_seed_decides(release):
+def test_ti2v_first_latent_frame_is_the_image_latent_and_seed_decides(release, device):
     model = WanDiT.from_pretrained(release, runtime=RT)
-    vae = tiny_vae()
+    vae = tiny_vae().to(device)
     sampler = WanSampler(model, vae, __import__("megawan").parallel_state.get_groups(), FAST)
     req = Request(text=_text(4, 1)[0], image=_image(), frames=9, seed=11)
     null = _text(2, 2)[0]
-    a = sampler.sample(req, null, progress=False)
+    a = sampler.sample(req, null, progress=False).cpu()
     assert a.shape == (1, 48, 3, 4, 6)
-    assert torch.equal(a[:, :, :1], vae.encode(req.image[None, :, None]))
-    assert torch.equal(a, sampler.sample(req, null, progress=False))  # the same seed: the same latents
-    other = sampler.sample(dataclasses.replace(req, seed=12), null, progress=False)
+    assert torch.equal(a[:, :, :1], vae.encode(req.image[None, :, None].to(device)).cpu())
+    assert torch.equal(a, sampler.sample(req, null, progress=False).cpu())  # the same seed: the same latents
+    other = sampler.sample(dataclasses.replace(req, seed=12), null, progress=False).cpu()
     assert torch.equal(other[:, :, :1], a[:, :, :1]) and rel_err(other, a) > 1e-2
 
 
-def test_world_model_keeps_the_context_latents_and_uses_the_states(world_release):
+def test_world_model_keeps_the_context_latents_and_uses_the_states(world_release, device):
     model = WanDiT.from_pretrained(world_release, runtime=RT)
-    vae = tiny_vae()
+    vae = tiny_vae().to(device)
     sampler = WanSampler(model, vae, __import__("megawan").parallel_state.get_groups(), FAST)
     g = torch.Generator().manual_seed(0)
     clip = torch.rand(3, 25, 32, 32, generator=g) * 2 - 1
     states = torch.randn(25, STATE_DIM, generator=g)
     req = Request(text=torch.zeros(0, TINY.text_dim), context=clip, states=states, frames=25, context_frames=17)
-    a = sampler.sample(req, progress=False)
-    ctx = vae.encode(clip[None, :, :17])
+    a = sampler.sample(req, progress=False).cpu()
+    ctx = vae.encode(clip[None, :, :17].to(device)).cpu()
     assert ctx.shape[2] == 5 and torch.equal(a[:, :, :5], ctx)
-    b = sampler.sample(dataclasses.replace(req, states=states + 1), progress=False)
+    b = sampler.sample(dataclasses.replace(req, states=states + 1), progress=False).cpu()
     assert rel_err(a[:, :, 5:], b[:, :, 5:]) > 1e-3
 
 

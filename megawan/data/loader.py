@@ -3,10 +3,18 @@
 Decoding runs in loader workers; ``timeout_s`` turns a hung worker into an error instead of a hung job
 (a worker that dies is reported by the DataLoader itself). Bad-input counts from the dataset's own checks
 and from the workers (they travel inside batches) add up in ``skip_counts``.
+
+GPU decoding (PyNvVideoCodec): each rank decodes on its own GPU, ``decode_device`` (default: this
+process's current CUDA device, which ``parallel_state.initialize`` sets to the rank's): the workers are
+spawned (CUDA cannot be used after fork) and each sets that device first, since a fresh process would
+otherwise decode on cuda:0. What leaves a worker is on the CPU: CUDA tensors are copied to the CPU before
+the batch crosses the process boundary (the DataLoader cannot keep a worker's CUDA memory alive for the
+trainer); the trainer moves the batch to its device.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 
 import torch
@@ -15,8 +23,19 @@ import torch.utils.data
 from megawan.data.sampler import DistributedClipSampler
 
 
+def _decode_on(device: torch.device, worker_id: int) -> None:
+    """A loader worker's first act: decode on this rank's GPU, not on cuda:0."""
+    torch.cuda.set_device(device)
+
+
 def collate_samples(samples: list[dict]) -> dict:
-    """Stack tensors, turn ints into int64 tensors, keep strings as lists, merge the skip lists."""
+    """Stack tensors, turn ints into int64 tensors, keep strings as lists, merge the skip lists.
+
+    In a loader worker, CUDA tensors (GPU-decoded frames) are moved to the CPU: only CPU tensors cross
+    the worker boundary."""
+    if torch.utils.data.get_worker_info() is not None:
+        samples = [{k: v.cpu() if isinstance(v, torch.Tensor) and v.is_cuda else v for k, v in s.items()}
+                   for s in samples]
     batch: dict = {"num_samples": len(samples), "skipped": Counter()}
     for sample in samples:
         batch["skipped"].update(sample.get("skipped", ()))
@@ -42,10 +61,15 @@ class ClipLoader:
 
     def __init__(self, dataset, sampler: DistributedClipSampler, *, batch_size: int, num_workers: int = 0,
                  timeout_s: float = 300.0, prefetch_factor: int | None = 2, pin_memory: bool = False,
-                 multiprocessing_context: str | None = None):
+                 multiprocessing_context: str | None = None, decode_device: torch.device | None = None):
         self.dataset, self.sampler, self.timeout_s = dataset, sampler, timeout_s
-        if multiprocessing_context is None and getattr(dataset, "backend", None) == "pynvvideocodec":
-            multiprocessing_context = "spawn"  # CUDA cannot be initialised in forked workers
+        worker_init = None
+        if getattr(dataset, "backend", None) == "pynvvideocodec":
+            multiprocessing_context = multiprocessing_context or "spawn"  # no CUDA in forked workers
+            self.decode_device = torch.device(decode_device or torch.device("cuda", torch.cuda.current_device()))
+            if self.decode_device.type != "cuda" or self.decode_device.index is None:
+                raise ValueError(f"GPU decoding needs a CUDA device with an index, got {self.decode_device}")
+            worker_init = functools.partial(_decode_on, self.decode_device)
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
             collate_fn=collate_samples, pin_memory=pin_memory, drop_last=False,
@@ -53,6 +77,7 @@ class ClipLoader:
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
             persistent_workers=num_workers > 0,
             multiprocessing_context=multiprocessing_context if num_workers > 0 else None,
+            worker_init_fn=worker_init if num_workers > 0 else None,
         )
         self.skip_counts: Counter[str] = Counter(getattr(getattr(dataset, "report", None), "counts", {}))
         self._position = sampler.offset

@@ -9,13 +9,16 @@ bidirectional (no mask: padded keys are removed by the caller) and returns [sq, 
 The choice is made once per model (``resolve_backend``, called by ``DiTBackend.build``) and logged
 on the ``megawan`` logger, so a run's log says which kernel it used:
 
-* "torch": SDPA with torch's own dispatch (what runs on CPU);
-* "cudnn": SDPA pinned to cuDNN attention (bf16/fp16 on CUDA). On Hopper it is the fastest kernel
-  measured (590 TFLOP/s forward at 27,280 tokens vs 369 for SDPA's FlashAttention-2 backend);
+* "torch": SDPA with torch's own dispatch: torch picks the kernel (FlashAttention-2, memory-efficient,
+  cuDNN where torch itself enables it, math) under its own guards, per call;
+* "cudnn": SDPA pinned to cuDNN attention (bf16/fp16 on CUDA, head_dim a multiple of 8). On Hopper it
+  is the fastest kernel measured (590 TFLOP/s forward at 27,280 tokens vs 369 for SDPA's
+  FlashAttention-2 backend), but it bypasses torch's choice: torch keeps cuDNN attention behind its
+  own checks after correctness bugs, so pinning it is an explicit choice, proven by the GPU check
+  (``bench/gpu_check.sh quick``: forward and backward against the math kernel at 27,280 tokens);
 * "flash": the flash-attn package; "te": Transformer Engine's DotProductAttention;
-* "auto": "cudnn" on CUDA with bf16/fp16 GEMMs and a cuDNN that SDPA can use, else "torch".
-  flash-attn and TE are never picked implicitly: they are slower than cuDNN on Hopper, so they
-  stay options to select by name.
+* "auto": "torch" (SDPA's own dispatch) everywhere. cuDNN, flash-attn and TE are never forced
+  implicitly: each is an option to select by name.
 """
 
 from __future__ import annotations
@@ -52,26 +55,25 @@ def check_backend(name: str) -> None:
                           "use 'torch' or 'auto' elsewhere")
 
 
-def _cudnn_usable(device: torch.device) -> bool:
-    return (device.type == "cuda" and torch.backends.cudnn.is_available()
-            and torch.backends.cuda.cudnn_sdp_enabled())
-
-
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
     """The concrete kernel for ``name`` on ``device`` with GEMMs in ``dtype``; logs the choice and why."""
     check_backend(name)
-    if name != "auto":
-        choice, why = name, "selected by DiTRuntime.attention_backend"
-    elif dtype not in (torch.bfloat16, torch.float16):
-        choice, why = "torch", f"auto: {dtype} activations (cuDNN attention takes bf16/fp16)"
-    elif _cudnn_usable(device):
-        choice, why = "cudnn", f"auto: {torch.cuda.get_device_name(device)}, cuDNN {torch.backends.cudnn.version()}"
+    if name == "auto":
+        choice, why = "torch", "auto: SDPA chooses its kernel per call, under torch's own guards"
     else:
-        choice, why = "torch", f"auto: no cuDNN attention on {device.type}"
+        choice, why = name, "selected by DiTRuntime.attention_backend"
     if choice == "cudnn" and dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"attention_backend='cudnn' needs bf16/fp16 activations, the model runs {dtype}")
-    log.info("DiT attention kernel: %s (%s)", choice, why)
+    log.info("DiT attention kernel: %s (%s, on %s)", choice, why, device)
     return choice
+
+
+def check_head_dim(backend: str, head_dim: int) -> None:
+    """cuDNN attention takes head dims that are multiples of 8 (torch's cuDNN SDPA check): refuse
+    others when the kernel is built, not with SDPA's "No available kernel" at the first call."""
+    if backend == "cudnn" and head_dim % 8:
+        raise ValueError(f"attention_backend='cudnn' needs a head_dim that is a multiple of 8, this model's is "
+                         f"{head_dim}: use 'auto' (SDPA chooses a kernel that takes it)")
 
 
 def _torch_sdpa(q, k, v):
@@ -94,8 +96,8 @@ def _flash(q, k, v):
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    if backend == "auto":  # the same rule as resolve_backend, per call, without logging
-        backend = "cudnn" if q.dtype in (torch.bfloat16, torch.float16) and _cudnn_usable(q.device) else "torch"
+    if backend == "auto":  # the same rule as resolve_backend: SDPA's own dispatch
+        backend = "torch"
     if backend == "te":
         raise ValueError("the 'te' kernel is a module: use AttentionKernel('te', heads, head_dim)")
     return {"torch": _torch_sdpa, "cudnn": _cudnn, "flash": _flash}[backend](q, k, v)
@@ -106,6 +108,7 @@ class AttentionKernel(nn.Module):
 
     def __init__(self, backend: str, num_heads: int, head_dim: int):
         super().__init__()
+        check_head_dim(backend, head_dim)
         self.backend, self.num_heads, self.head_dim = backend, num_heads, head_dim
         if backend == "te":
             from transformer_engine.pytorch import DotProductAttention

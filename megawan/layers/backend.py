@@ -9,15 +9,55 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import logging
 from dataclasses import dataclass
 
 import torch
 from megatron.core import ModelParallelConfig
-from torch.utils.checkpoint import checkpoint
+from megatron.core.transformer import TransformerConfig
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from megawan.layers import fp8, linear
 from megawan.layers.attention_kernels import AttentionKernel, resolve_backend
+from megawan.layers.ring_attention import RING_ATTENTION_OPS
 from megawan.parallel_state.groups import ContextParallelGroups
+
+log = logging.getLogger("megawan")
+
+
+# Ops whose outputs "selective" recomputation keeps: the attention cores (SDPA's kernels: cuDNN,
+# FlashAttention-2, memory-efficient, CPU flash; ring attention's forward, whose kernels run inside it).
+# Everything else in the block is recomputed.
+_ATTENTION_CORE_OPS = tuple(getattr(torch.ops.aten, name).default for name in (
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    if hasattr(torch.ops.aten, name)) + RING_ATTENTION_OPS
+
+
+def _keep_attention_cores(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _ATTENTION_CORE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+selective_recompute_context = functools.partial(create_selective_checkpoint_contexts, _keep_attention_cores)
+
+
+def resolve_compile_blocks(requested: bool | None, device: torch.device, linear_impl: str, attention: str) -> bool:
+    """Whether ``WanDiT`` compiles its blocks. None: on where it pays, on CUDA (CPU inductor compiles
+    slowly), unless the blocks hold Transformer Engine modules: their forwards break dynamo's graph, so
+    a "compiled" block would run them eagerly and dynamo could not trace a checkpoint around them.
+    Asking for compiled blocks with TE modules is refused rather than silently run eager."""
+    uses_te = linear_impl == "te" or attention == "te"
+    if requested and uses_te:
+        raise ValueError("compile_blocks=True with Transformer Engine modules (linear_impl='te' or "
+                         "attention_backend='te', or a te-* FP8 mode): TE's forwards break torch.compile's "
+                         "graph, so the blocks would not run compiled. Use compile_blocks=False (or None), or "
+                         "megatron-core's local linears (a native-* FP8 mode) with an SDPA kernel")
+    if requested is None:
+        requested = device.type == "cuda" and not uses_te
+        if uses_te and device.type == "cuda":
+            log.info("DiT blocks not compiled: they hold Transformer Engine modules (graph breaks)")
+    return bool(requested)
 
 
 @dataclass(frozen=True)
@@ -55,14 +95,19 @@ class DiTBackend:
                              f"{context_parallel.impl!r} calls SDPA's log-sum-exp kernels): use 'auto', 'torch' "
                              f"or 'cudnn' (cross-attention then uses it), or cp_impl 'ulysses'")
         impl = fp8.check_mode(runtime.fp8, runtime.linear_impl, runtime.attention_backend, runtime.fp8_attention)
-        if impl == "auto" and groups.device.type != "cuda":
-            impl = "local"  # "auto" means TE only where the ranks compute on a GPU (gloo ranks on a GPU machine do not)
-        mp_config = ModelParallelConfig(
+        # A TransformerConfig (a ModelParallelConfig), because megatron's TE wrappers read some of its
+        # fields (symmetric_ar_type, ...). Its architecture fields are placeholders: the linears read
+        # only the parallel, precision and initialisation fields.
+        mp_config = TransformerConfig(
+            num_layers=1, hidden_size=groups.tp, num_attention_heads=groups.tp,
+            cuda_graph_scope=[],  # megatron's default ("full") is its deprecated spelling of [] and warns
             tensor_model_parallel_size=groups.tp, context_parallel_size=groups.cp,
             sequence_parallel=runtime.sequence_parallel and groups.tp > 1, params_dtype=runtime.dtype,
-            # CPU init builds each full weight from one RNG stream, then slices it: the same model for
-            # every TP layout. On GPUs megatron initialises shards in place (RNG tracker).
-            use_cpu_initialization=groups.device.type == "cpu",
+            # On every device: each full weight is drawn on the CPU from the global RNG, then sliced,
+            # so a from-scratch model is the same in every layout and on CPU and GPU alike (megatron's
+            # GPU path would initialise each shard from its per-TP-rank CUDA RNG stream instead). The
+            # model is moved to its device once built (``WanDiT``).
+            use_cpu_initialization=True,
             perform_initialization=runtime.init_weights, gradient_accumulation_fusion=False,
         )
         recipe = None
@@ -70,12 +115,11 @@ class DiTBackend:
             recipe = fp8.NativeFp8.for_mode(runtime.fp8)
         elif runtime.fp8.startswith("te-"):
             recipe = fp8.te_recipe(runtime.fp8, runtime.fp8_attention)
-        compile_blocks = runtime.compile_blocks
-        if compile_blocks is None:  # on by default where it pays: GPUs (CPU inductor compiles slowly)
-            compile_blocks = groups.device.type == "cuda"
+        impl = linear.resolve_linear_impl(impl)
+        compile_blocks = resolve_compile_blocks(runtime.compile_blocks, groups.device, impl, attention)
         # TE reduces amaxes over one group: TP x CP x DP = every rank here (no pipeline stages).
         return cls(mp_config, groups.tp_group, groups.cp_group if groups.cp > 1 else None,
-                   linear_impl=linear.resolve_linear_impl(impl), attention_backend=attention, fp8=runtime.fp8,
+                   linear_impl=impl, attention_backend=attention, fp8=runtime.fp8,
                    compile_blocks=compile_blocks, fp8_recipe=recipe,
                    fp8_amax_group=torch.distributed.group.WORLD
                    if recipe is not None and torch.distributed.is_initialized() else None,
@@ -120,14 +164,6 @@ class DiTBackend:
         return AttentionKernel(self.attention_backend, num_heads, head_dim)
 
     @property
-    def whole_block_graphs(self) -> bool:
-        """Whether compiled blocks compile each block's whole forward, checkpoint included: with
-        megatron-core's local linears (run through ``tp_gemm`` when compiled at TP > 1) and SDPA or
-        flash-attn kernels in every layout; with Transformer Engine's modules (graph breaks, which a
-        traced checkpoint cannot hold) only at TP = CP = 1. See ``megawan.models.dit.compile_blocks``."""
-        return (self.linear_impl == "local" and self.attention_backend != "te") or self.tp * self.cp == 1
-
-    @property
     def _traceable_linears(self) -> bool:
         # megatron-core's own linear function is a graph break at TP > 1 (async collectives in backward)
         return self.compile_blocks and self.tp > 1
@@ -156,11 +192,14 @@ class DiTBackend:
             return fp8.te_disabled()
         return contextlib.nullcontext()
 
-    def checkpoint(self, fn, *args):
-        """Activation checkpointing of one block: TE's checkpoint in te-* modes (it recomputes under the
-        same FP8 state), torch's otherwise."""
+    def checkpoint(self, fn, *args, selective: bool = False):
+        """Activation checkpointing of (part of) one block: TE's checkpoint in te-* modes (it recomputes
+        under the same FP8 state as the forward; torch's would recompute in backward, outside
+        ``fp8_autocast``), torch's otherwise. ``selective``: keep the attention cores' outputs (torch's
+        selective checkpoint policy; TE's checkpoint has none and recomputes everything)."""
         if self._te_fp8:
             from transformer_engine.pytorch.distributed import checkpoint as te_checkpoint
 
             return te_checkpoint(fn, *args)
-        return checkpoint(fn, *args, use_reentrant=False)
+        extra = {"context_fn": selective_recompute_context} if selective else {}
+        return checkpoint(fn, *args, use_reentrant=False, **extra)

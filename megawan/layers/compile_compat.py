@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megawan import compat
+
 _INSTALLED = False
 
 
@@ -45,7 +47,9 @@ def install() -> None:
     from megatron.core import parallel_state as mps
     from megatron.core.tensor_parallel import layers as mlayers
 
-    eager_reduce = mlayers.reduce_from_tensor_model_parallel_region
+    eager_reduce = compat.require(mlayers, "reduce_from_tensor_model_parallel_region", ("input_", "group"))
+    compat.require(mlayers, "get_tensor_model_parallel_group_if_none",
+                   ("tp_group", "is_expert", "check_initialized"))
 
     def reduce_from_tensor_model_parallel_region(input_, group=None):
         if not torch.compiler.is_compiling():

@@ -74,6 +74,7 @@ def check_mode(mode: str, linear_impl: str, attention_backend: str, fp8_attentio
     if mode.startswith("native-"):
         if not _installed("torchao"):
             raise ImportError(f"fp8={mode!r} needs torchao (pip install torchao; it is in megawan's requirements)")
+        check_torchao()
         if not hasattr(torch, "_scaled_mm"):
             raise ImportError(f"fp8={mode!r} needs torch._scaled_mm (torch >= 2.4)")
         if linear_impl == "te":
@@ -88,6 +89,20 @@ def check_mode(mode: str, linear_impl: str, attention_backend: str, fp8_attentio
             raise ValueError(f"fp8={mode!r} runs TE's linears: use linear_impl='te' or 'auto'")
         return "te"
     return linear_impl
+
+
+def check_torchao() -> None:
+    """torchao's private float8 pieces the native path calls, with the keywords it passes: a torchao
+    that moved or changed them fails here, naming the version this was written for."""
+    from torchao.float8 import float8_ops, float8_utils
+
+    from megawan import compat
+
+    compat.require(float8_utils, "tensor_to_scale",
+                   ("hp_tensor", "float8_dtype", "scaling_granularity", "axiswise_dim", "round_scales_to_power_of_2"))
+    compat.require(float8_utils, "to_fp8_saturated", ("x", "float8_dtype"))
+    compat.require(float8_ops, "addmm_float8_unwrapped",
+                   ("a_data", "a_scale", "b_data", "b_scale", "output_dtype", "use_fast_accum"))
 
 
 def te_recipe(mode: str, fp8_attention: bool):

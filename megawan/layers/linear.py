@@ -1,7 +1,12 @@
 """Tensor-parallel linear layers: megatron-core's local implementation or Transformer Engine's.
 
-``linear_impl`` is the one switch: "local" (megatron-core, runs on CPU), "te" (Transformer Engine,
-required -> error if missing) or "auto" (TE when importable and CUDA is available, else local).
+``linear_impl`` is the one switch: "local" (megatron-core, runs on CPU) or "te" (Transformer Engine,
+required -> error if missing). "auto" is megatron-core's local layers: TE is used only when asked for, by
+``linear_impl="te"`` or by a te-* FP8 mode (``megawan.layers.fp8.check_mode``), never because it imports.
+
+Initialisation is the same in every layout and on every device: each TP-split weight is drawn whole on
+the CPU from the global RNG, in construction order, and this rank keeps its slice (megatron's CPU
+initialisation, ``ModelParallelConfig.use_cpu_initialization``; see ``DiTBackend.build``).
 
 Two kinds of column-parallel layer:
 
@@ -44,18 +49,32 @@ def te_available() -> bool:
 
 
 def resolve_linear_impl(impl: str) -> str:
+    """"auto" -> "local": TE's linears are a choice, never a side effect of TE being installed."""
     if impl not in LINEAR_IMPLS:
         raise ValueError(f"linear_impl must be one of {LINEAR_IMPLS}, got {impl!r}")
     if impl == "te" and not te_available():
         raise ImportError("linear_impl='te' needs Transformer Engine and a CUDA device: install "
                           "megawan[gpu] (transformer-engine[pytorch]) on a GPU machine, or use 'local'")
-    if impl == "auto":
-        return "te" if te_available() else "local"
-    return impl
+    return "local" if impl == "auto" else impl
 
 
 def _xavier(w: torch.Tensor) -> torch.Tensor:
     return torch.nn.init.xavier_uniform_(w)
+
+
+def _init_duplicated_shard(layer, out_features: int, config: ModelParallelConfig, tp_group) -> None:
+    """A "duplicated" TE layer holding this rank's rows of a column-split weight: TE would initialise
+    the shard by itself (a layout-dependent draw), so draw the whole weight as megatron's CPU init does
+    and keep this rank's rows; the bias starts at zero, as megatron's."""
+    from megatron.core.tensor_parallel.layers import _initialize_affine_weight_cpu
+
+    tp = config.tensor_model_parallel_size
+    rank = torch.distributed.get_rank(tp_group) if tp > 1 else 0
+    _initialize_affine_weight_cpu(layer.weight, out_features, layer.weight.shape[1], out_features // tp, 0,
+                                  _xavier, params_dtype=config.params_dtype, rank=rank, world_size=tp,
+                                  skip_set_tensor_parallel_attributes=True)
+    with torch.no_grad():
+        layer.bias.zero_()
 
 
 def _finish(layer, weight_dim: int, fp8, traceable: bool, stride: int = 1):
@@ -105,13 +124,18 @@ def column_parallel_on_replicated(in_features: int, out_features: int, config: M
     no_sp = dataclasses.replace(config, sequence_parallel=False)
     if impl == "te":
         # TE's column layer would all-reduce the input grad itself; that was done when the input
-        # entered the TP region, so this rank's shard is a plain ("duplicated") TE GEMM.
+        # entered the TP region, so this rank's shard is a plain ("duplicated") TE GEMM. megatron's
+        # TELinear refuses a tp_group in that mode (it is not split from TE's point of view); the
+        # shard is initialised here instead, from the whole weight, as the split layers are.
         from megatron.core.extensions.transformer_engine import TELinear
 
         tp = config.tensor_model_parallel_size
-        layer = TELinear(in_features, out_features // tp, parallel_mode="duplicated", config=no_sp,
+        layer = TELinear(in_features, out_features // tp, parallel_mode="duplicated",
+                         config=dataclasses.replace(no_sp, perform_initialization=False),
                          init_method=_xavier, bias=True, skip_bias_add=False,
-                         skip_weight_param_allocation=False, tp_group=tp_group)
+                         skip_weight_param_allocation=False, tp_group=None)
+        if config.perform_initialization:
+            _init_duplicated_shard(layer, out_features, config, tp_group)
     else:
         layer = ColumnParallelLinear(in_features, out_features, config=no_sp, init_method=_xavier, bias=True,
                                      gather_output=False, disable_grad_reduce=True, tp_group=tp_group)

@@ -9,14 +9,12 @@ Under CP every gradient is a partial sum over CP ranks (they fold into the data-
 
 from __future__ import annotations
 
-import functools
 import warnings
 from dataclasses import replace
 
 import torch
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from torch import nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from megawan import parallel_state
 from megawan.checkpoint.dit_io import load_dit_weights, save_dit_weights
@@ -25,29 +23,12 @@ from megawan.layers.attention import CrossAttention, FeedForward, SelfAttention
 from megawan.layers.backend import DiTBackend
 from megawan.layers.embeddings import PatchEmbedding, StateEmbedding, WanHead, timestep_sinusoid
 from megawan.layers.norms import FP32LayerNorm
-from megawan.layers.ring_attention import RING_ATTENTION_OPS
 from megawan.layers.rope import rope_tables
 from megawan.layers.token_shards import TokenShards
 from megawan.models.dit_config import DiTRuntime, WanDiTConfig
 from megawan.parallel_state import ParallelGroups
 
 __all__ = ["WanDiT", "WanBlock", "WanDiTConfig", "DiTRuntime"]
-
-
-# Ops whose outputs "selective" recomputation keeps: the attention cores (SDPA's kernels: cuDNN,
-# FlashAttention-2, memory-efficient, CPU flash; ring attention's forward, whose kernels run inside it).
-# Everything else in the block is recomputed.
-_ATTENTION_CORE_OPS = tuple(getattr(torch.ops.aten, name).default for name in (
-    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention",
-    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu")
-    if hasattr(torch.ops.aten, name)) + RING_ATTENTION_OPS
-
-
-def _keep_attention_cores(ctx, op, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if op in _ATTENTION_CORE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
-
-
-_SELECTIVE = functools.partial(create_selective_checkpoint_contexts, _keep_attention_cores)
 
 
 class WanBlock(nn.Module):
@@ -66,17 +47,19 @@ class WanBlock(nn.Module):
         self.cross_attn = CrossAttention(*args)
         self.ffn = FeedForward(cfg.dim, cfg.ffn_dim, backend)
         self.eps, self.dtype, self.recompute = cfg.eps, dtype, recompute
-        self._te_checkpoint = backend.checkpoint if backend._te_fp8 else None
+        # The backend's checkpoint: TE's in te-* FP8 modes, which recomputes under the forward's FP8
+        # state (torch's would recompute in backward, outside fp8_autocast: other values than the saved ones)
+        self._checkpoint = backend.checkpoint
+        if recompute == "selective" and backend._te_fp8:
+            warnings.warn("recompute_granularity='selective' under a te-* FP8 mode recomputes the attention "
+                          "too (TE's checkpoint has no selective policy), as 'full'", stacklevel=2)
 
     def forward(self, x, e0, context, rope_cos, rope_sin, num_tokens: int):
         """x [s, b, dim] (the residual stream: fp32, or ``DiTRuntime.residual_dtype``); e0 [s or 1, b, 6,
         dim] fp32; context [512, b, dim] in the TP region."""
         args = (x, e0, context, rope_cos, rope_sin, num_tokens)
         if self.recompute in ("full", "selective") and self._recomputing():
-            if self._te_checkpoint is not None:  # TE FP8: TE's checkpoint recomputes under the same FP8 state
-                return self._te_checkpoint(self._forward, *args)
-            extra = {"context_fn": _SELECTIVE} if self.recompute == "selective" else {}
-            return checkpoint(self._forward, *args, use_reentrant=False, **extra)
+            return self._checkpoint(self._forward, *args, selective=self.recompute == "selective")
         return self._forward(*args)
 
     def _recomputing(self) -> bool:
@@ -93,7 +76,7 @@ class WanBlock(nn.Module):
         # fp32 stream + bf16 output -> fp32 by promotion (no copy); a bf16 stream stays bf16
         x = x + self.cross_attn(self.norm3(x).to(self.dtype), context)
         if self.recompute == "ffn" and self._recomputing():
-            return checkpoint(self._ffn, x, shift2, scale2, gate2, use_reentrant=False)
+            return self._checkpoint(self._ffn, x, shift2, scale2, gate2)
         return self._ffn(x, shift2, scale2, gate2)
 
     def _ffn(self, x, shift, scale, gate):
@@ -101,32 +84,21 @@ class WanBlock(nn.Module):
         return fused.maybe_compiled(fused.gated_residual, x)(x, self.ffn(h), gate)
 
 
-def compile_blocks(blocks, whole: bool = True) -> None:
+def compile_blocks(blocks) -> None:
     """Regional compilation: ``torch.compile`` each block in place. The blocks share one code object
     and their parameters are graph inputs, so the first block's graph serves all of them.
 
-    ``whole`` (``DiTBackend.whole_block_graphs``: megatron-core's local linears and SDPA / flash-attn
-    kernels, in every TP / SP / CP layout): the whole ``forward`` is one graph, collectives and
-    recomputation included. The linears run megawan's synchronous-collective function at TP > 1
-    (megawan/layers/tp_gemm.py), the Ulysses all-to-alls and the q/k-norm all-reduce are megatron's /
-    megawan's autograd functions over plain collectives, which dynamo turns into functional
-    collectives; dynamo traces the checkpoint and the partitioner applies the "selective" policy.
-    Not traceable (Transformer Engine modules, graph breaks) with TP or CP > 1: dynamo cannot trace a
-    checkpoint region that holds a graph break (it would run the whole region eagerly), so there the
-    checkpoint stays eager around the compiled ``_forward`` / ``_ffn``, and "selective" recomputes the
-    attention too (it runs inside a compiled graph the policy cannot see), like "full": warned here.
+    The whole ``forward`` is one graph, collectives and recomputation included, in every TP / SP / CP
+    layout: the linears are megatron-core's local ones (run through megawan's synchronous-collective
+    function at TP > 1, megawan/layers/tp_gemm.py), the Ulysses all-to-alls and the q/k-norm all-reduce
+    are megatron's / megawan's autograd functions over plain collectives, which dynamo turns into
+    functional collectives; dynamo traces the checkpoint and the partitioner applies the "selective"
+    policy. Blocks with Transformer Engine modules are never compiled
+    (``megawan.layers.backend.resolve_compile_blocks``).
     """
     compile_compat.install()
     for block in blocks:
-        if not whole and block.recompute is not None:
-            if block.recompute == "selective":
-                warnings.warn("compiled blocks with Transformer Engine modules at TP or CP > 1: 'selective' "
-                              "recomputation recomputes the attention too (as 'full'); use 'ffn', or "
-                              "compile_blocks=False", stacklevel=3)
-            block._forward = torch.compile(block._forward)
-            block._ffn = torch.compile(block._ffn)
-        else:
-            block.compile()
+        block.compile()
 
 
 class WanDiT(nn.Module):
@@ -135,11 +107,26 @@ class WanDiT(nn.Module):
     forward(latents [B, C, F, H, W], timestep [B] or per-token [B, L], text [B, <=text_len, text_dim],
     states [B, T, state_dim] (world model only; T = frames_per_latent * (F - 1) + 1 video frames))
     returns the velocity [B, C_out, F, H, W], complete on every rank.
+
+    Initialisation (a from-scratch model) is one path for every layout and device: every weight is
+    drawn whole on the CPU from the global RNG, in construction order, and each rank keeps its TP slice
+    (``DiTBackend.build``), then the model moves to ``groups.device``. So the same seed gives the same
+    model at any TP / CP / DP and on CPU or GPU. ``seed``: draw from a CPU generator seeded with it
+    (the caller's RNG state is left as it was); None: from the global RNG as it stands
+    (``torch.manual_seed`` first).
     """
 
     def __init__(self, config: WanDiTConfig, groups: ParallelGroups | None = None,
-                 runtime: DiTRuntime | None = None):
+                 runtime: DiTRuntime | None = None, *, seed: int | None = None):
         super().__init__()
+        if seed is None:
+            self._build(config, groups, runtime)
+            return
+        with torch.random.fork_rng(devices=[]):  # the CPU generator only: init never draws on a GPU
+            torch.default_generator.manual_seed(seed)
+            self._build(config, groups, runtime)
+
+    def _build(self, config: WanDiTConfig, groups: ParallelGroups | None, runtime: DiTRuntime | None) -> None:
         groups = groups or parallel_state.get_groups()
         rt = runtime or DiTRuntime()
         groups.layout_for(rt.cp_impl, rt.ulysses_size).validate(config.num_heads)
@@ -165,7 +152,7 @@ class WanDiT(nn.Module):
         self._tag_replicated_params()
         self.to(groups.device)
         if self.backend.compile_blocks:
-            compile_blocks(self.blocks, whole=self.backend.whole_block_graphs)
+            compile_blocks(self.blocks)
 
     def _tag_replicated_params(self) -> None:
         """Mark replicated params whose grads are partial sums over this rank's sequence shard.
@@ -285,18 +272,27 @@ class WanDiT(nn.Module):
     # ---- checkpoints ----------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, groups: ParallelGroups | None = None,
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, groups: ParallelGroups | None = None,
                         runtime: DiTRuntime | None = None, state_dim: int | None = None) -> "WanDiT":
         """Build the model for the current layout from a released checkpoint directory and load it.
 
         Reads ``config.json`` (official or diffusers), detects the key layout, and reads only this
         rank's TP slices of each tensor (lazy safetensors slicing). ``state_dim`` adds world-model
         state conditioning to a released model (its embedder starts at zero: outputs are unchanged).
+        The GEMM dtype comes from one place: ``dtype`` when given (it sets the runtime's), else
+        ``runtime.dtype`` (float32 without either). A runtime whose dtype was set to something other than
+        the default float32 and disagrees with ``dtype`` is an error naming both, never a silent pick.
         """
+        runtime = runtime or DiTRuntime()
+        if dtype is not None and dtype != runtime.dtype:
+            if runtime.dtype != DiTRuntime().dtype:
+                raise ValueError(f"from_pretrained(dtype={dtype}) disagrees with runtime.dtype={runtime.dtype}: "
+                                 f"give the dtype once (dtype= or DiTRuntime(dtype=...))")
+            runtime = replace(runtime, dtype=dtype)
         config = WanDiTConfig.load(path)
         if state_dim is not None:
             config = replace(config, state_dim=state_dim)
-        model = cls(config, groups, replace(runtime or DiTRuntime(), dtype=dtype, init_weights=False))
+        model = cls(config, groups, replace(runtime, init_weights=False))
         load_dit_weights(model, path)
         return model
 

@@ -167,22 +167,25 @@ class DiTRuntime:
         Norms, modulation and gates still compute in fp32; each residual add is rounded to
         ``residual_dtype``. Its error against the release: docs/dit.md.
     sequence_parallel: Megatron SP on the residual stream (only meaningful with tp > 1).
-    linear_impl: "auto" | "local" (megatron-core) | "te" (Transformer Engine).
+    linear_impl: "auto" | "local" (megatron-core) | "te" (Transformer Engine). "auto" is "local" unless
+        a te-* FP8 mode asks for TE's linears: TE is never picked because it is installed.
     attention_backend: "auto" | "torch" | "cudnn" | "flash" | "te"; resolved once and logged
-        (megawan/layers/attention_kernels.py: "auto" = cuDNN attention on CUDA with bf16, else SDPA).
+        (megawan/layers/attention_kernels.py: "auto" = SDPA's own dispatch, on every device; "cudnn"
+        pins cuDNN attention, an explicit choice).
     activation_checkpointing: recompute in backward, as ``recompute_granularity`` and
         ``recompute_num_blocks`` say (off: every activation is kept).
     recompute_granularity: what a recomputing block recomputes:
         "full": the whole block (only its inputs are kept);
         "selective": the whole block except the attention cores: their outputs (and softmax
             statistics) are kept, everything else (GEMMs, norms, RoPE, modulation) is recomputed;
-            applies to SDPA kernels ("torch", "cudnn"), which is what "auto" picks;
+            applies to SDPA kernels ("auto", "torch", "cudnn");
         "ffn": only the FFN half (norm2, modulation, fc1, GELU, fc2, gate); the attentions keep
             their activations. The cheapest in FLOPs: it frees the [L, ffn_dim] intermediates.
     recompute_num_blocks: how many blocks recompute (the first N, Megatron's "block" method); the
         others keep everything. None = all blocks.
     compile_blocks: ``torch.compile`` each block (regional compilation: one graph reused by all
-        blocks). None = on when the model runs on CUDA, off on CPU.
+        blocks). None = on when the model runs on CUDA, off on CPU and with Transformer Engine modules
+        (their forwards break dynamo's graph; True with TE modules is refused).
     init_weights: initialise the parallel linears (off when weights are loaded right after).
     fp8: FP8 GEMMs in the blocks' linears (self-attention q/k/v and o, cross-attention q, k, v and o,
         FFN fc1 and fc2): "off" | "native-tensorwise" | "native-rowwise" (torch._scaled_mm, runs

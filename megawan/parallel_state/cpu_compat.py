@@ -1,30 +1,38 @@
 """Make megatron-core's CUDA-only helpers work on CPU ranks (gloo).
 
-megatron-core assumes a GPU in three places that megawan reaches:
+megatron-core assumes a GPU in places that megawan reaches:
 
-* ``torch.cuda.current_device()`` -- the sequence-parallel all-gather / reduce-scatter and the
-  global memory buffer allocate their outputs there (the stand-in is a constant to torch.compile, as
-  the real one is);
+* ``torch.cuda.current_device()`` -- the sequence-parallel all-gather / reduce-scatter, the global
+  memory buffer and DDP's buffers allocate their outputs there;
 * the CUDA RNG tracker (``model_parallel_cuda_manual_seed`` / ``get_cuda_rng_tracker().fork()``);
-* ``torch.cuda.current_stream()`` / ``synchronize()`` -- megatron's DDP orders gradient reductions on
-  streams; dist_checkpointing synchronises before writing;
+* ``torch.cuda.current_stream()`` / ``default_stream()`` / ``synchronize()`` -- megatron's DDP orders
+  gradient reductions on streams; dist_checkpointing synchronises before writing;
 * megatron's optimizer (``CudaAsCpu`` / ``on_cpu``): scalars created on 'cuda', ``.cuda()`` calls and
   CUDA type-name checks, wrapped around the optimizer's calls only; and its reshardable checkpoint load
   into torch's Adam, the fallback where neither Apex nor TE is installed (``torch_adam_reshardable_load``).
 
-``apply()`` installs CPU stand-ins for these. ``megawan.parallel_state.initialize`` calls it whenever
-the ranks run on CPU, including gloo ranks on a machine that has GPUs (``MEGAWAN_BACKEND=gloo``, the
-test harness's default): there megatron would otherwise allocate its gathers on ``cuda:0``. It is
-idempotent; a process whose ranks use CUDA never calls it.
+``apply()`` installs CPU stand-ins for these, scoped to megatron-core: each ``megatron.core`` module
+gets a view of ``torch`` whose ``torch.cuda`` answers with the stand-ins; ``torch.cuda`` itself is left
+alone, so the rest of the process (the NVDEC video reader, the user's code) sees the real GPU.
+``megawan.parallel_state.initialize`` calls it whenever the ranks run on CPU, including gloo ranks on a
+machine that has GPUs (``MEGAWAN_BACKEND=gloo``, the test harness's default): there megatron would
+otherwise allocate its gathers on ``cuda:0``. It is idempotent; a process whose ranks use CUDA never
+calls it. Each patched megatron attribute is checked to exist first (``megawan.compat.require``): a
+megatron-core that no longer has it fails at once, naming the version the patch was written for.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import sys
+import types
 
 import torch
 from megatron.core.tensor_parallel import random as mcore_random
 from torch.overrides import TorchFunctionMode
+
+from megawan import compat
 
 _APPLIED = False
 
@@ -94,9 +102,8 @@ def _cpu_current_device() -> torch.device:
 
 def _fold_in_compiled_code(fn) -> None:
     """Let torch.compile fold ``fn()`` to a constant, as it folds the real ``torch.cuda.current_device``:
-    dynamo looks the stand-in up as ``torch.cuda.current_device`` and would otherwise break the graph at
-    each of megatron's gathers inside a compiled block (a call returning a non-tensor). Private dynamo
-    table; where it is missing only the CPU graph has those breaks (results are unchanged)."""
+    otherwise a call returning a non-tensor could break the graph at each of megatron's gathers inside a
+    compiled block. Private dynamo table; where it is missing dynamo inlines the stand-in instead."""
     try:
         from torch._dynamo.variables import torch as dynamo_torch
 
@@ -105,17 +112,62 @@ def _fold_in_compiled_code(fn) -> None:
         pass
 
 
+_STREAM = _CpuStream()
+# What megatron-core's modules see as torch.cuda.<name> on CPU ranks.
+_CUDA_STAND_INS = {
+    "current_device": _cpu_current_device,
+    "current_stream": lambda device=None: _STREAM,
+    "default_stream": lambda device=None: _STREAM,
+    "synchronize": lambda device=None: None,  # dist_checkpointing syncs before writing
+}
+
+
+def _view(real: types.ModuleType, name: str, overrides: dict) -> types.ModuleType:
+    """A module whose attributes are ``overrides``, then whatever ``real`` has now (looked up at each
+    access, so later changes to ``real`` show through)."""
+    view = types.ModuleType(name)
+    view.__dict__.update(overrides)
+    view.__getattr__ = lambda attr: getattr(real, attr)  # PEP 562: the fallback for missing attributes
+    return view
+
+
+_CUDA_VIEW = _view(torch.cuda, "torch.cuda", _CUDA_STAND_INS)
+_TORCH_VIEW = _view(torch, "torch", {"cuda": _CUDA_VIEW})
+
+# megatron-core modules on megawan's CPU paths, imported before the sweep so that they get the view;
+# every megatron.core module loaded by then gets it too.
+_MEGATRON_MODULES = (
+    "megatron.core.tensor_parallel.mappings", "megatron.core.tensor_parallel.layers",
+    "megatron.core.tensor_parallel.random", "megatron.core.utils", "megatron.core.parallel_state",
+    "megatron.core.distributed.distributed_data_parallel", "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.optimizer.optimizer", "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.dist_checkpointing.strategies.torch", "megatron.core.dist_checkpointing.strategies.fully_parallel",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.async_utils",
+)
+
+
+def _give_megatron_the_view() -> list[str]:
+    for name in _MEGATRON_MODULES:
+        importlib.import_module(name)
+    patched = []
+    for name, module in list(sys.modules.items()):
+        if name.startswith("megatron.core") and getattr(module, "torch", None) is torch:
+            module.torch = _TORCH_VIEW
+            patched.append(name)
+    return patched
+
+
 def apply() -> None:
-    """Install the CPU stand-ins; call only in a process whose ranks compute on CPU."""
+    """Install the CPU stand-ins for megatron-core; call only in a process whose ranks compute on CPU."""
     global _APPLIED
     if _APPLIED:
         return
-    torch.cuda.current_device = _cpu_current_device
+    for name in ("_CUDA_RNG_STATE_TRACKER", "_CUDA_RNG_STATE_TRACKER_INITIALIZED", "initialize_rng_tracker"):
+        compat.require(mcore_random, name)
     _fold_in_compiled_code(_cpu_current_device)
-    stream = _CpuStream()
-    torch.cuda.current_stream = lambda device=None: stream
-    torch.cuda.default_stream = lambda device=None: stream
-    torch.cuda.synchronize = lambda device=None: None  # dist_checkpointing syncs before writing
+    _give_megatron_the_view()
     mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     mcore_random.initialize_rng_tracker = lambda *a, **k: None
@@ -180,9 +232,9 @@ def torch_adam_reshardable_load() -> None:
     from megatron.core.optimizer import distrib_optimizer as mdo
 
     cls = mdo.DistributedOptimizer
-    if mdo.HAVE_APEX_OR_TE or getattr(cls, "_megawan_step_patch", False):
+    if compat.require(mdo, "HAVE_APEX_OR_TE") or getattr(cls, "_megawan_step_patch", False):
         return
-    original = cls._set_main_param_and_optimizer_states
+    original = compat.require(cls, "_set_main_param_and_optimizer_states", ("self", "model_param", "tensors"))
 
     def set_states(self, model_param, tensors):
         group_index, group_order = self.model_param_group_index_map[model_param]

@@ -96,10 +96,11 @@ def precompute(dataset, out, *, vae, text_encoder=None, samples_per_shard: int =
     mine = [k for k in range(num_shards) if k % groups == group]
     todo = [k for k in mine if not (out / shard_name(k)).exists()]
     if distributed and vae_group is not None:  # a group agrees on its to-do list: all join every encode
-        flags = torch.tensor([int(k in todo) for k in mine], dtype=torch.int64)
-        if flags.numel():
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=vae_group)
-        todo = [k for k, f in zip(mine, flags.tolist()) if f]
+        # An object collective: torch stages it on the backend's device (the rank's GPU under NCCL, which
+        # refuses CPU tensors; the CPU under gloo).
+        lists = [None] * dist.get_world_size(vae_group)
+        dist.all_gather_object(lists, todo, group=vae_group)
+        todo = [k for k in mine if any(k in other for other in lists)]
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"precompute group {group}/{groups}",
                unit="shard", disable=not (progress and leader))
     for k in todo:

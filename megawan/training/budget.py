@@ -26,6 +26,11 @@ q/k-norm weights; everything else is replicated):
   Context parallelism keeps the same activations whatever ``cp_impl`` (Ulysses' whole-sequence q/k/v for
   heads/(tp cp) heads hold as many bytes as ring attention's local blocks for heads/tp); ring and hybrid
   add the ring's buffers of one self-attention at a time (``_ring_buffer_bytes_per_token``).
+
+Beyond the estimate, a rank needs memory the model does not account for (``device_reserve``): on a GPU
+the CUDA context with cuBLAS / cuDNN workspaces, NCCL's communication buffers and allocator
+fragmentation, and on any device the VAE when it encodes on the fly. None of these was measured on a
+GPU here: each is a stated figure or a dataflow count, named in the log and in a refusal (docs/training.md).
 """
 
 from __future__ import annotations
@@ -170,3 +175,52 @@ def suggest_layout(cfg: WanDiTConfig, world: int, capacity: float, **kw) -> tupl
                 if est.total <= capacity:
                     return tp, cp, recompute
     return None
+
+
+# ---- what a rank needs beyond the model (stated, not measured: no GPU was available) --------------------
+
+CUDA_CONTEXT_BYTES = 1 * GIB  # CUDA context (lazy module loading) + cuBLAS / cuDNN workspaces: a stated figure
+# NCCL's buffers per communicator: NCCL_BUFFSIZE (default 4 MiB, NCCL's documentation) per channel and peer,
+# up to 32 channels, a send and a receive peer: an upper figure for one communicator.
+NCCL_BYTES_PER_COMMUNICATOR = 4 * 2**20 * 32 * 2
+FRAGMENTATION_SHARE = 0.05  # of the device: the caching allocator's blocks that fit no request (stated)
+# Live activations of one encoder chunk at the first (full-resolution) stage, in units of one feature map:
+# the chunk's input, a residual block's two conv outputs, its shortcut, and the causal convs' cached frames.
+VAE_ENCODE_LIVE_MAPS = 8
+
+
+@dataclass
+class DeviceReserve:
+    cuda_context: float = 0.0
+    nccl: float = 0.0
+    fragmentation: float = 0.0
+    vae: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.cuda_context + self.nccl + self.fragmentation + self.vae
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k.replace('_', ' ')} {getattr(self, k) / GIB:.1f}" for k in
+                          ("cuda_context", "nccl", "fragmentation", "vae") if getattr(self, k))
+        return f"{self.total / GIB:.1f} GiB" + (f" ({parts} GiB)" if parts else "")
+
+
+def vae_encode_bytes(vae_params: int, base_dim: int, frames: int, height: int, width: int, shards: int,
+                     weight_bytes: int = 4) -> float:
+    """The on-the-fly VAE on one rank: its weights (fp32, as the trainer loads it) and one encoder chunk
+    (4 frames, after the first) at the first stage (2x2 patches folded: H/2 x W/2, ``base_dim`` channels,
+    fp32), spatially sharded over ``shards`` ranks, plus the clip itself on the device. A dataflow
+    count (``VAE_ENCODE_LIVE_MAPS`` feature maps live at once), not a measurement."""
+    chunk = 4 * (height // 2) * (width // 2) * base_dim * 4 * VAE_ENCODE_LIVE_MAPS / max(1, shards)
+    clip = frames * height * width * 3 * 4
+    return vae_params * weight_bytes + chunk + clip
+
+
+def device_reserve(device_type: str, capacity: float, communicators: int, vae_bytes: float = 0.0) -> DeviceReserve:
+    """What a rank needs beyond ``estimate_memory``: on "cuda" the context, NCCL's buffers for
+    ``communicators`` groups of more than one rank, and fragmentation; on any device the VAE."""
+    if device_type != "cuda":
+        return DeviceReserve(vae=vae_bytes)
+    return DeviceReserve(CUDA_CONTEXT_BYTES, communicators * NCCL_BYTES_PER_COMMUNICATOR,
+                         FRAGMENTATION_SHARE * capacity, vae_bytes)

@@ -89,7 +89,8 @@ class TrainingData:
         self.sampler = DistributedClipSampler(len(self.dataset), dp_rank=groups.dp_rank, dp_size=groups.dp,
                                               seed=seed)
         self.loader = ClipLoader(self.dataset, self.sampler, batch_size=data_cfg.batch_size,
-                                 num_workers=data_cfg.num_workers)
+                                 num_workers=data_cfg.num_workers,
+                                 decode_device=groups.device if groups.device.type == "cuda" else None)
         self.vae = build_vae(data_cfg, groups.device) if data_cfg.source == "1x" else None
         empty = data_cfg.empty_prompt
         if empty is None and data_cfg.source == "cache" and (Path(data_cfg.root) / EMPTY_PROMPT).exists():

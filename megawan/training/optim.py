@@ -22,25 +22,55 @@ import torch.distributed as dist
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
 
 from megawan.parallel_state import cpu_compat
 from megawan.parallel_state.grads import all_reduce_flat
 
 
+def process_groups(groups) -> ProcessGroupCollection:
+    """megawan's groups for megatron's DDP and optimizer (their ``pg_collection``), so that megatron reduces
+    and shards over the groups the model was built with, not over megatron's global ones.
+
+    megawan has no pipeline or expert parallelism: the pipeline, expert and expert-data groups megatron also
+    requires are megatron's own (built by ``parallel_state.initialize`` with sizes 1; no parameter uses
+    them). The optimizer's instance group (its gradient-norm reduction) is every rank of the layout."""
+    from megatron.core import parallel_state as mps
+
+    pgs = ProcessGroupCollection()
+    pgs.tp, pgs.cp, pgs.dp, pgs.dp_cp = groups.tp_group, groups.cp_group, groups.dp_group, groups.dp_cp_group
+    pgs.mp = groups.tp_group  # model-parallel = TP x PP, and PP = 1
+    layout_ranks = groups.tp * groups.cp * groups.dp
+    if layout_ranks == dist.get_world_size():
+        pgs.intra_dist_opt = dist.group.WORLD
+    elif layout_ranks == 1:  # ParallelGroups.single_rank: this rank alone
+        pgs.intra_dist_opt = groups.tp_group
+    else:
+        raise ValueError(f"a layout of {layout_ranks} ranks inside a job of {dist.get_world_size()}: "
+                         f"megawan has no group for its optimizer instance")
+    pgs.pp = mps.get_pipeline_model_parallel_group()
+    pgs.ep = mps.get_expert_model_parallel_group()
+    pgs.expt_dp = mps.get_expert_data_parallel_group()
+    pgs.tp_ep_pp = mps.get_expert_tensor_model_pipeline_parallel_group()
+    return pgs
+
+
 def wrap_ddp(model, groups, *, bucket_size: int | None = None) -> DistributedDataParallel:
-    """megatron DDP over DP x CP. Its TransformerConfig only carries the parallel sizes and dtype."""
+    """megatron DDP over DP x CP (megawan's groups, ``process_groups``). Its TransformerConfig only carries
+    the parallel sizes and dtype."""
     cfg = model.config
     tcfg = TransformerConfig(
         num_layers=cfg.num_layers, hidden_size=cfg.dim, num_attention_heads=cfg.num_heads,
         tensor_model_parallel_size=groups.tp, context_parallel_size=groups.cp,
         sequence_parallel=model.sequence_parallel, bf16=model.runtime.dtype == torch.bfloat16,
-        params_dtype=model.runtime.dtype, use_cpu_initialization=groups.device.type == "cpu")
+        params_dtype=model.runtime.dtype, use_cpu_initialization=groups.device.type == "cpu",
+        cuda_graph_scope=[])  # megatron's default ("full") is its deprecated spelling of [] and warns
     ddp_config = DistributedDataParallelConfig(
         use_distributed_optimizer=True, grad_reduce_in_fp32=True,
         # overlapping needs CUDA streams; on CPU ranks the reduction runs after backward
         overlap_grad_reduce=groups.device.type == "cuda", bucket_size=bucket_size)
-    return DistributedDataParallel(tcfg, ddp_config, model)
+    return DistributedDataParallel(tcfg, ddp_config, model, pg_collection=process_groups(groups))
 
 
 def build_optimizer(ddp: DistributedDataParallel, optim, groups, total_steps: int):
@@ -53,7 +83,8 @@ def build_optimizer(ddp: DistributedDataParallel, optim, groups, total_steps: in
         clip_grad=optim.clip_grad, bf16=bf16, params_dtype=ddp.module.runtime.dtype,
         use_distributed_optimizer=True)
     with cpu_compat.CudaAsCpu() if groups.device.type == "cpu" else contextlib.nullcontext():
-        optimizer = get_megatron_optimizer(config, [ddp], use_gloo_process_groups=False)
+        optimizer = get_megatron_optimizer(config, [ddp], use_gloo_process_groups=False,
+                                           pg_collection=process_groups(groups))
     optimizer = cpu_compat.on_cpu(optimizer, groups.device)
     decay_steps = max(1, total_steps)
     scheduler = OptimizerParamScheduler(
