@@ -36,6 +36,8 @@ from megawan.training.config import TrainConfig, dump_config
 from megawan.training.data import Batch, TrainingData, build_dataset, build_vae, latent_shape, validation_clips
 from megawan.training.metrics import MetricsLogger, peak_memory_gib
 from megawan.training.signals import StopRequest
+from megawan.vae.pretrained import record_vae
+from megawan.evaluation.pictures import write_training_curves
 from megawan.training.optim import EMA, build_optimizer, finish_grad_sync, grads_are_finite, wrap_ddp
 
 logger = logging.getLogger("megawan.train")
@@ -255,7 +257,7 @@ class Trainer:
     def rollouts(self) -> dict:
         """World-model rollouts on fixed held-out clips, scored like the 1X challenge (PSNR / SSIM of the
         predicted frames against the truth and the copy-last-context-frame baseline)."""
-        from megawan.evaluation import evaluate_rollouts
+        from megawan.evaluation.rollouts import evaluate_rollouts, write_rollout_sheet
         from megawan.pipelines.sampling import SamplingConfig
 
         vcfg, data_cfg = self.cfg.validation, self.cfg.data
@@ -264,9 +266,13 @@ class Trainer:
             self._rollout_clips = [dataset[i] for i in validation_clips(len(dataset), vcfg.rollout_clips)]
         vae = self.data.vae if self.data.vae is not None else build_vae(data_cfg, self.groups.device)
         context = 4 * (self.cfg.objective.clean_frames - 1) + 1  # K clean latent frames <- 4 (K - 1) + 1 frames
-        return evaluate_rollouts(self.model, vae, self._rollout_clips, self.groups, text=self.data.empty_text,
-                                 config=SamplingConfig(steps=vcfg.rollout_steps, guidance=1.0),
-                                 context_frames=context, seed=vcfg.seed)
+        result = evaluate_rollouts(self.model, vae, self._rollout_clips, self.groups, text=self.data.empty_text,
+                                   config=SamplingConfig(steps=vcfg.rollout_steps, guidance=1.0),
+                                   context_frames=context, seed=vcfg.seed,
+                                   conditions=vcfg.rollout_conditions if self.dit_config.state_dim else ("true",))
+        if self.rank == 0:
+            write_rollout_sheet(result, self.out_dir / "rollouts" / f"step_{self.step:08d}.png")
+        return result
 
     # ---- checkpoints ----------------------------------------------------------------------------
 
@@ -325,6 +331,7 @@ class Trainer:
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "resolved_config.yaml").write_text(dump_config(cfg))
+            record_vae(cfg.data.vae, self.out_dir, self.data.vae)  # the run folder alone samples and evaluates
             checkpointing.remove_torn(self.ckpt_dir)
         dist.barrier()
         log = MetricsLogger(self.out_dir / "logs", enabled=self.rank == 0, total_steps=cfg.run.steps,
@@ -365,7 +372,9 @@ class Trainer:
         finally:
             self.stop.restore()
             log.close()
+        curves = write_training_curves(self.out_dir, cfg.run.name) if self.rank == 0 else None
         if preempted and self.rank == 0:
             print(f"preempted: checkpoint {path} written at step {self.step}; rerun the same command to resume",
                   flush=True)
-        return {"step": self.step, "checkpoint": str(path) if path else None, "preempted": preempted, **last}
+        return {"step": self.step, "checkpoint": str(path) if path else None, "preempted": preempted,
+                "curves": curves, **last}
