@@ -34,7 +34,7 @@ from megawan.vae.model import WanVAE38
 from megawan.pipelines.release import locate, start_groups
 from megawan.pipelines.sampling import SamplingConfig
 from megawan.pipelines.trained import apply_run_defaults, find_trained, load_text_embedding, load_trained_dit, \
-    saved_model_config, trained_files
+    require_ema, saved_model_config, trained_files
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -109,8 +109,8 @@ def main(argv=None) -> dict:
     trained = find_trained(args.ckpt) if args.ckpt and not args.dit else None
     apply_run_defaults(args, trained, {"frames": 77, "context_frames": 17, "dtype": "bf16", "steps": 50},
                        size_arg=lambda hw: hw[0] if hw[0] == hw[1] else None)
-    if args.ema and trained is None:
-        raise ValueError("--ema reads a training checkpoint's EMA: --ckpt must be a run folder or a step_N folder")
+    if args.ema:
+        require_ema(trained)
     if trained is not None:
         files = trained_files(trained, args.vae)
         config = saved_model_config(trained.checkpoint)

@@ -33,7 +33,7 @@ from megawan.vae.model import WanVAE38
 from megawan.pipelines.pipeline import Request, WanSampler, check_request
 from megawan.pipelines.release import locate, start_groups
 from megawan.pipelines.trained import apply_run_defaults, find_trained, load_text_embedding, load_trained_dit, \
-    saved_model_config, trained_files
+    require_ema, saved_model_config, trained_files
 from megawan.pipelines.sampling import SamplingConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -164,8 +164,8 @@ def main(argv=None) -> list[dict]:
                        size_arg=lambda hw: f"{hw[0]}x{hw[1]}")
     if trained is not None and args.text_encoder is None:
         args.no_text = True  # a trained world model: its prompt embedding (if any) comes from the run
-    if args.ema and trained is None:
-        raise ValueError("--ema reads a training checkpoint's EMA: --ckpt must be a run folder or a step_N folder")
+    if args.ema:
+        require_ema(trained)
     sampling = SamplingConfig(steps=args.steps, shift=args.shift, guidance=args.guidance, solver=args.solver,
                               cfg=args.cfg, schedule=args.schedule)
     if trained is not None:

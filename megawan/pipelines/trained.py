@@ -86,21 +86,26 @@ def load_trained_dit(trained: TrainedCheckpoint, groups, *, dtype: torch.dtype =
     from megawan.models.dit import DiTRuntime, WanDiT
     from megawan.tools.export import load_model
 
-    from megawan.tools.export import ExportError
-
-    try:
-        loaded = load_model(trained.checkpoint, groups, ema=ema)
-    except ExportError as e:
-        if ema and "no EMA" in str(e):
-            raise ValueError(f"--ema: checkpoint {trained.checkpoint} holds no EMA (trained with optim.ema_decay 0): "
-                             f"run without --ema") from None
-        raise
+    loaded = load_model(trained.checkpoint, groups, ema=ema)
     runtime = replace(runtime or DiTRuntime(), dtype=dtype, init_weights=False)
     if runtime == loaded.runtime:
         return loaded
     model = WanDiT(loaded.config, groups, runtime)
     model.load_state_dict(loaded.state_dict())  # casts into the runtime's dtypes (norms etc. stay fp32)
     return model.eval()
+
+
+def require_ema(trained: TrainedCheckpoint | None) -> None:
+    """Refuse ``--ema`` early (before any process group or model) when there is no EMA to read."""
+    from megawan.tools.export import ExportError, check_has_ema
+
+    if trained is None:
+        raise ValueError("--ema reads a training checkpoint's EMA: --ckpt must be a run folder or a step_N folder")
+    try:
+        check_has_ema(trained.checkpoint)
+    except ExportError:
+        raise ValueError(f"--ema: checkpoint {trained.checkpoint} holds no EMA (trained with optim.ema_decay 0): "
+                         f"run without --ema") from None
 
 
 def saved_model_config(checkpoint):

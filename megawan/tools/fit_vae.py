@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="dtype of the written weights")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--init", default=None, help="start from this VAE folder's weights instead of the random preset")
     p.add_argument("--snapshot", default=None, help="also write the VAE here at every evaluation (a long fit's "
                                                     "intermediate result)")
     return p
@@ -98,6 +99,8 @@ def main(argv=None) -> dict:
 
     torch.manual_seed(args.seed)
     vae = WanVAE38(WanVAE38Config.preset("tiny"))
+    if args.init:  # continue a fit (e.g. on longer clips) from a VAE folder's weights
+        vae.load_state_dict(packaged_vae(args.init).state_dict())
 
     def batches(step: int) -> torch.Tensor:  # fresh clips every step, never the held-out split's
         return rendered_clips(1_000_003 * (args.seed + 1) + step, args.batch_size, args.clip_frames, args.size)
@@ -123,7 +126,7 @@ def main(argv=None) -> dict:
     saved = packaged_vae(out)  # read back as every user will: fp32 from the written dtype
     report = {
         "command": "python -m megawan.tools.fit_vae " + " ".join(sys.argv[1:] if argv is None else argv),
-        "fit": {**vars(config), "clip_frames": args.clip_frames, "size": args.size,
+        "fit": {**vars(config), "clip_frames": args.clip_frames, "size": args.size, "init": args.init,
                 "data": "clips rendered by megawan.tools.make_sample_data.render_clip (256 px, resized)"},
         "loss": "mean((decode(z) - x)^2) + kl_weight * mean(KL(q(z|x) || N(0, I))), z a posterior sample",
         "held_out": f"{len(held_out)} clips x {args.held_out_frames} frames at {args.size}x{args.size}, "
