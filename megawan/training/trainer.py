@@ -269,7 +269,8 @@ class Trainer:
         result = evaluate_rollouts(self.model, vae, self._rollout_clips, self.groups, text=self.data.empty_text,
                                    config=SamplingConfig(steps=vcfg.rollout_steps, guidance=1.0),
                                    context_frames=context, seed=vcfg.seed,
-                                   conditions=vcfg.rollout_conditions if self.dit_config.state_dim else ("true",))
+                                   conditions=[c for c in vcfg.rollout_conditions if c != "swapped" or
+                                               len(self._rollout_clips) > 1] if self.dit_config.state_dim else ["true"])
         if self.rank == 0:
             write_rollout_sheet(result, self.out_dir / "rollouts" / f"step_{self.step:08d}.png")
         return result
