@@ -6,7 +6,8 @@ setup(
     description="Megatron-style training and inference of Wan 2.2 TI2V-5B (DiT + VAE38)",
     python_requires=">=3.11",
     packages=find_packages(include=["megawan", "megawan.*"]),
-    package_data={"megawan.presets": ["*/*.json", "*/*.yaml"]},  # model presets, read through importlib.resources
+    # model presets (read through importlib.resources) and the fitted tiny VAE folders (presets/vae38/<name>/)
+    package_data={"megawan.presets": ["*/*.json", "*/*.yaml", "vae38/*/*"]},
     install_requires=[
         "torch>=2.4",
         # megawan patches private APIs of these two (megawan/compat.py): the versions the patches are written
@@ -21,7 +22,7 @@ setup(
         "tensorboard",
         "av>=12",
         "transformers>=4.45",  # umT5 text encoder (megawan.tools.precompute, megawan.generate)
-        "pillow",  # PNG contact sheets, image inputs (megawan.generate)
+        "pillow>=10.1",  # PNG contact sheets and curves (its bundled font), image inputs (megawan.generate)
         "torchao==0.18.0",  # float8 scales / casts / scaled GEMM of the native FP8 path (megawan/layers/fp8.py)
     ],
     extras_require={

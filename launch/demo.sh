@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The README's main job: make the sample 1X data if it is absent, then train the tiny world-model preset
-# (configs/train/tiny_1x.yaml) on 4 CPU ranks at TP2 x CP2 with sequence parallelism (gloo) for 40 steps.
-# It prints where the checkpoints, logs and resolved config are, and how to resume and open TensorBoard.
+# (configs/train/tiny_1x.yaml) on 4 CPU ranks at TP2 x CP2 with sequence parallelism (gloo) for 400 steps, with
+# the tiny VAE fitted to the sample world, and rolls it out on 8 held-out clips (true / zeroed / swapped states).
+# It prints where the checkpoints, logs, curves.png, rollout contact sheets and resolved config are, and how to
+# resume, open TensorBoard and sample from the run folder.
 #   bash launch/demo.sh [NPROC] [--section.key VALUE ...]     e.g. bash launch/demo.sh 2 --parallel.cp 1
 # The one-step parallel-vs-single-rank check of the model stays available: megawan.tools.forward_demo.
 set -euo pipefail

@@ -3,10 +3,16 @@
     python -m megawan.evaluate --dit trained/ --vae Wan2.2_VAE.pth --data 1x/val_v2.0_raw --num-clips 64 \\
         --out eval.json
     bash launch/torchrun.sh 8 megawan.evaluate --tp 2 --cp 2 ...     # 2 replicas share the clips
+    python -m megawan.evaluate --ckpt outputs/tiny_1x --data outputs/sample_1x/val_v2.0_raw   # a training run:
+        # its newest checkpoint, its recorded VAE, its clip length / context / frame size (megawan.pipelines.trained)
 
 Clips of --frames frames (77) are taken evenly spaced over the split (held out: point it at the val split); the
 model gets the first 17 frames and the states of all 77 and predicts the rest. Prints a table and writes the
-JSON (means, per-clip scores, settings) plus a contact sheet PNG beside it. See megawan/evaluation/rollouts.py.
+JSON (means, per-clip scores, settings) plus a labelled contact sheet PNG beside it (truth, prediction and
+copy-last-frame rows, and the prediction under each other states condition). ``--conditions`` also rolls the same
+model out with the states zeroed / of another clip / one frame late, beside the true states, and latent-space
+scores (against the encoded true clip, with the copy-last-latent baseline) sit beside the pixel ones.
+See megawan/evaluation/rollouts.py.
 """
 
 from __future__ import annotations
@@ -20,14 +26,16 @@ import torch
 
 from megawan import parallel_state
 from megawan.data.world_model_1x import WorldModel1XConfig, WorldModel1XDataset
-from megawan.evaluation.rollouts import METRICS, evaluate_rollouts
+from megawan.evaluation.rollouts import LATENT_METRICS, METRICS, STATE_CONDITIONS, evaluate_rollouts, \
+    write_rollout_sheet
 from megawan.models.dit import DiTRuntime, WanDiT
 from megawan.models.dit_config import WanDiTConfig
 from megawan.parallel_state.layout import CP_IMPLS
 from megawan.vae.model import WanVAE38
 from megawan.pipelines.release import locate, start_groups
 from megawan.pipelines.sampling import SamplingConfig
-from megawan.pipelines.video_out import save_png
+from megawan.pipelines.trained import apply_run_defaults, find_trained, load_text_embedding, load_trained_dit, \
+    require_ema, saved_model_config, trained_files
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -54,32 +62,26 @@ class HeldOutClips:
         return out
 
 
-def load_text_embedding(path, text_dim: int) -> torch.Tensor:
-    """[L, D] from a safetensors file's ``text_embeds`` (trailing all-zero padding rows dropped)."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"text embedding file not found: {path}")
-    emb = load_file(str(path)).get("text_embeds")
-    if emb is None or emb.ndim != 2 or emb.shape[1] != text_dim:
-        raise ValueError(f"{path} must hold text_embeds [L, {text_dim}], got "
-                         f"{None if emb is None else tuple(emb.shape)}")
-    nonzero = emb.abs().sum(1).nonzero()
-    return emb[: int(nonzero.max()) + 1 if len(nonzero) else 0].float()
-
-
 def format_table(result: dict) -> str:
-    rows = ["| metric | model | copy-last-frame |", "|---|---:|---:|"]
-    for m in METRICS:
-        rows.append(f"| {m} | {result[m]:.3f} | {result['baseline_' + m]:.3f} |")
+    """Markdown table: one row per metric; the model with the true states, the copy-last baseline (copy-last-latent
+    for latent_*), then the model under each other states condition evaluated."""
+    others = [c for c in result.get("conditions", {}) if c != "true"]
+    rows = ["| metric | model | copy-last-frame | " + " | ".join(f"states {c}" for c in others) + " |",
+            "|---|---:|---:|" + "---:|" * len(others)]
+    for m in METRICS + LATENT_METRICS:
+        if m not in result:
+            continue
+        cells = [result[m], result["baseline_" + m]] + [result["conditions"][c][m] for c in others]
+        rows.append(f"| {m} | " + " | ".join(f"{v:.4g}" if m.startswith("latent") else f"{v:.3f}" for v in cells)
+                    + " |")
     return "\n".join(rows)
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="a 1X split folder (val_v2.0_raw, or the sample data's)")
-    p.add_argument("--ckpt", help="checkpoint folder (DiT, VAE beside it)")
+    p.add_argument("--ckpt", help="checkpoint folder (DiT, VAE beside it), or a training run folder / step_N folder")
+    p.add_argument("--ema", action="store_true", help="a training checkpoint's EMA weights instead of its weights")
     p.add_argument("--dit")
     p.add_argument("--vae")
     p.add_argument("--state-dim", type=int, help="add zero-initialised state conditioning to a released model")
@@ -87,10 +89,15 @@ def main(argv=None) -> dict:
                                             "trained with, e.g. a latent cache's empty_prompt.safetensors "
                                             "(default: no text tokens)")
     p.add_argument("--num-clips", type=int, default=16)
-    p.add_argument("--frames", type=int, default=77)
-    p.add_argument("--context-frames", type=int, default=17)
-    p.add_argument("--size", type=int, help="square frame size (default: the data's, 512 for 1X)")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--frames", type=int, default=None, help="default 77, or a training run's clip length")
+    p.add_argument("--context-frames", type=int, default=None, help="default 17, or a training run's")
+    p.add_argument("--size", type=int, help="square frame size (default: a training run's, else the data's: "
+                                            "512 for 1X)")
+    p.add_argument("--steps", type=int, default=None, help="default 50, or a training run's rollout steps")
+    p.add_argument("--conditions", default="true,zeroed,swapped",
+                   help=f"states to roll out with, comma-separated, 'true' first: {','.join(STATE_CONDITIONS)} "
+                        f"(state-conditioned models; others get 'true' only)")
+    p.add_argument("--shift-frames", type=int, default=1, help="delay of the 'shifted' states, in frames")
     p.add_argument("--shift", type=float, default=5.0)
     p.add_argument("--solver", default="unipc", choices=["unipc", "euler"])
     p.add_argument("--seed", type=int, default=0)
@@ -100,27 +107,41 @@ def main(argv=None) -> dict:
                    help="context parallelism of the self-attention: ulysses ((heads / tp) %% cp == 0), ring "
                         "(any cp) or hybrid (Ulysses in groups of --ulysses-size CP ranks, ring across them)")
     p.add_argument("--ulysses-size", type=int, help="hybrid only: the Ulysses group size (divides --cp)")
-    p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default bf16, or a training run's")
     p.add_argument("--out", default="outputs/eval.json")
     args = p.parse_args(argv)
 
-    files = locate(args.ckpt, dit=args.dit, vae=args.vae, need_text=False)
-    config = WanDiTConfig.load(files.dit)
+    trained = find_trained(args.ckpt) if args.ckpt and not args.dit else None
+    apply_run_defaults(args, trained, {"frames": 77, "context_frames": 17, "dtype": "bf16", "steps": 50},
+                       size_arg=lambda hw: hw[0] if hw[0] == hw[1] else None)
+    if args.ema:
+        require_ema(trained)
+    if trained is not None:
+        files = trained_files(trained, args.vae)
+        config = saved_model_config(trained.checkpoint)
+    else:
+        files = locate(args.ckpt, dit=args.dit, vae=args.vae, need_text=False)
+        config = WanDiTConfig.load(files.dit)
     if args.state_dim is not None:
         config = replace(config, state_dim=args.state_dim)
+    conditions = tuple(c.strip() for c in args.conditions.split(",") if c.strip()) if config.state_dim else ("true",)
     size = (args.size, args.size) if args.size else None
     text = load_text_embedding(args.text_embedding, config.text_dim) if args.text_embedding else None
     clips = HeldOutClips(args.data, args.num_clips, args.frames, size)
 
     groups = start_groups(args.tp, args.cp, config.num_heads, args.cp_impl, args.ulysses_size)
     dev = groups.device
-    model = WanDiT.from_pretrained(files.dit, dtype=DTYPES[args.dtype], groups=groups, state_dim=args.state_dim,
-                                   runtime=DiTRuntime(linear_impl="local" if dev.type == "cpu" else "auto"))
+    runtime = DiTRuntime(linear_impl="local" if dev.type == "cpu" else "auto")
+    if trained is not None:
+        model = load_trained_dit(trained, groups, dtype=DTYPES[args.dtype], runtime=runtime, ema=args.ema)
+    else:
+        model = WanDiT.from_pretrained(files.dit, dtype=DTYPES[args.dtype], groups=groups, state_dim=args.state_dim,
+                                       runtime=runtime)
     vae = WanVAE38.from_pretrained(files.vae, device=dev)
     sampling = SamplingConfig(steps=args.steps, shift=args.shift, solver=args.solver, guidance=1.0)
     result = evaluate_rollouts(model, vae, clips, groups, text=text, config=sampling, context_frames=args.context_frames,
-                               seed=args.seed, progress=True)
-    sheet = result.pop("contact_sheet")
+                               seed=args.seed, progress=True, conditions=conditions, shift_frames=args.shift_frames,
+                               hz=clips.data.hz)
     result["clips"] = clips.describe()
     result["settings"] = {**vars(args), "sampling": sampling.to_dict(),
                           "layout": {"tp": groups.tp, "cp": groups.cp, "dp": groups.dp,
@@ -128,11 +149,13 @@ def main(argv=None) -> dict:
     if torch.distributed.get_rank() == 0:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
+        sheet = write_rollout_sheet(result, out.with_suffix(".png"))
+        result["contact_sheet"] = sheet
         out.write_text(json.dumps(result, indent=2, default=str))
-        if sheet is not None:
-            save_png(out.with_suffix(".png"), sheet.permute(1, 2, 0).contiguous())
         print(f"{result['num_clips']} clips, {args.frames} frames ({args.context_frames} given), "
-              f"{args.steps} steps\n{format_table(result)}\nwrote {out}")
+              f"{args.steps} steps\n{format_table(result)}\nwrote {out}" + (f" and {sheet}" if sheet else ""))
+    else:
+        result["contact_sheet"] = None
     parallel_state.destroy()
     return result
 

@@ -6,6 +6,9 @@
     bash launch/torchrun.sh 16 megawan.generate --tp 2 --cp 8 --cp-impl hybrid --ulysses-size 4 ...  # CP beyond heads
     python -m megawan.generate --ckpt trained/ --vae Wan2.2_VAE.pth --no-text --data val_v2.0_raw --clip 3 \\
         --frames 77 --guidance 1 --out out/rollout.mp4                      # 1X world model: 17 frames + states
+    python -m megawan.generate --ckpt outputs/tiny_1x --data outputs/sample_1x/val_v2.0_raw --clip 3
+                                        # a training run folder (or one step_N): its newest checkpoint, its VAE,
+                                        # and its clip length / context / frame size as defaults
 
 Writes OUT.mp4, OUT.png (contact sheet) and OUT.json (seed and every setting). With several prompts
 (--prompts-file), DP replicas take prompts i % dp and write OUT_<i>.mp4. Every input is checked before any
@@ -31,6 +34,8 @@ from megawan.parallel_state.layout import CP_IMPLS
 from megawan.vae.model import WanVAE38
 from megawan.pipelines.pipeline import Request, WanSampler, check_request
 from megawan.pipelines.release import locate, start_groups
+from megawan.pipelines.trained import apply_run_defaults, find_trained, load_text_embedding, load_trained_dit, \
+    require_ema, saved_model_config, trained_files
 from megawan.pipelines.sampling import SamplingConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -85,7 +90,9 @@ def load_states(path) -> torch.Tensor:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = p.add_argument_group("checkpoint (official or diffusers layout, or a trained DiT folder)")
-    src.add_argument("--ckpt", help="release folder (Wan2.2-TI2V-5B or its -Diffusers twin) or a DiT folder")
+    src.add_argument("--ckpt", help="release folder (Wan2.2-TI2V-5B or its -Diffusers twin), a DiT folder, or a "
+                                    "training run folder / step_N checkpoint (megawan.pipelines.trained)")
+    src.add_argument("--ema", action="store_true", help="a training checkpoint's EMA weights instead of its weights")
     src.add_argument("--dit", help="DiT folder (default: found in --ckpt)")
     src.add_argument("--vae", help="Wan2.2_VAE.pth or a diffusers vae/ folder (default: found in --ckpt)")
     src.add_argument("--text-encoder", help="models_t5_umt5-xxl-enc-bf16.pth or an HF umT5 folder")
@@ -101,11 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     inp.add_argument("--data", help="a 1X split folder: take the context and states of clip --clip")
     inp.add_argument("--clip", type=int, default=0)
     inp.add_argument("--states", help=".npy robot states [frames, state_dim]")
-    inp.add_argument("--context-frames", type=int, default=17)
-    inp.add_argument("--frames", type=int, default=121)
+    inp.add_argument("--context-frames", type=int, default=None, help="default 17, or the training run's")
+    inp.add_argument("--frames", type=int, default=None, help="default 121, or the training run's clip length")
     inp.add_argument("--size", help="HEIGHTxWIDTH: T2V size, or resize + centre-crop the image / clip to it")
     smp = p.add_argument_group("sampling")
-    smp.add_argument("--steps", type=int, default=50)
+    smp.add_argument("--steps", type=int, default=None, help="default 50, or a training run's rollout steps")
+    smp.add_argument("--text-embedding", help="safetensors with text_embeds [L, D] used as the prompt embedding "
+                                              "(default: a training run's data.empty_prompt, else no text tokens)")
     smp.add_argument("--shift", type=float, default=5.0)
     smp.add_argument("--guidance", type=float, default=5.0)
     smp.add_argument("--solver", default="unipc", choices=["unipc", "euler"])
@@ -121,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="context parallelism of the self-attention: ulysses ((heads / tp) %% cp == 0), ring "
                           "(any cp) or hybrid (Ulysses in groups of --ulysses-size CP ranks, ring across them)")
     run.add_argument("--ulysses-size", type=int, help="hybrid only: the Ulysses group size (divides --cp)")
-    run.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    run.add_argument("--dtype", default=None, choices=list(DTYPES), help="default bf16, or a training run's dtype")
     return p
 
 
@@ -156,14 +165,29 @@ def _requests(args, model_config: WanDiTConfig) -> list[Request]:
 
 def main(argv=None) -> list[dict]:
     args = build_parser().parse_args(argv)
+    trained = find_trained(args.ckpt) if args.ckpt and not args.dit else None
+    apply_run_defaults(args, trained, {"frames": 121, "context_frames": 17, "dtype": "bf16", "steps": 50},
+                       size_arg=lambda hw: f"{hw[0]}x{hw[1]}")
+    if trained is not None and args.text_encoder is None:
+        args.no_text = True  # a trained world model: its prompt embedding (if any) comes from the run
+    if args.ema:
+        require_ema(trained)
     sampling = SamplingConfig(steps=args.steps, shift=args.shift, guidance=args.guidance, solver=args.solver,
                               cfg=args.cfg, schedule=args.schedule)
-    files = locate(args.ckpt, dit=args.dit, vae=args.vae, text_encoder=args.text_encoder, tokenizer=args.tokenizer,
-                   need_text=not args.no_text)
-    config = WanDiTConfig.load(files.dit)
+    if trained is not None:
+        files = trained_files(trained, args.vae)
+        config = saved_model_config(trained.checkpoint)
+    else:
+        files = locate(args.ckpt, dit=args.dit, vae=args.vae, text_encoder=args.text_encoder,
+                       tokenizer=args.tokenizer, need_text=not args.no_text)
+        config = WanDiTConfig.load(files.dit)
     if args.state_dim is not None:
         config = replace(config, state_dim=args.state_dim)
     requests = _requests(args, config)  # all input errors surface here, before any model is loaded
+    if args.text_embedding:
+        prompt = load_text_embedding(args.text_embedding, config.text_dim)
+        for r in requests:
+            r.text = prompt
 
     groups = start_groups(args.tp, args.cp, config.num_heads, args.cp_impl, args.ulysses_size)
     dev = groups.device
@@ -182,8 +206,11 @@ def main(argv=None) -> list[dict]:
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     runtime = DiTRuntime(linear_impl="local" if dev.type == "cpu" else "auto")
-    model = WanDiT.from_pretrained(files.dit, dtype=DTYPES[args.dtype], groups=groups, runtime=runtime,
-                                   state_dim=args.state_dim)
+    if trained is not None:
+        model = load_trained_dit(trained, groups, dtype=DTYPES[args.dtype], runtime=runtime, ema=args.ema)
+    else:
+        model = WanDiT.from_pretrained(files.dit, dtype=DTYPES[args.dtype], groups=groups, runtime=runtime,
+                                       state_dim=args.state_dim)
     vae = WanVAE38.from_pretrained(files.vae, device=dev)
     sampler = WanSampler(model, vae, groups, sampling)
     out = Path(args.out)

@@ -79,6 +79,10 @@ def _main(argv: list[str] | None, stop: StopRequest) -> dict | None:
               f"  checkpoints: {out}/checkpoints (latest {result['checkpoint']})\n"
               f"  logs:        {out}/logs/metrics.jsonl, TensorBoard: tensorboard --logdir {out}/logs/tensorboard\n"
               f"  config:      {out}/resolved_config.yaml\n"
+              + (f"  pictures:    {result['curves']} (loss, validation, rollout scores), {out}/rollouts/ "
+                 f"(contact sheets)\n" if result.get("curves") else "")
+              + f"  sample:      python -m megawan.generate --ckpt {out} --data <a 1X split> "
+              f"(evaluate: python -m megawan.evaluate --ckpt {out} --data ...)\n"
               f"  resume/extend: rerun the same command (add --run.steps N to train further)", flush=True)
     parallel_state.destroy()
     return result

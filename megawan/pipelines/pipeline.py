@@ -119,11 +119,13 @@ class WanSampler:
         dev = self.groups.device
         return self.vae.encode(video[None].to(dev), self.groups.vae_group, gather_output=True).float()
 
-    def sample(self, req: Request, null_text: torch.Tensor | None = None, progress: bool = True) -> torch.Tensor:
-        """Latents [1, C, F, h, w] for one request (same on every rank of the replica)."""
+    def sample(self, req: Request, null_text: torch.Tensor | None = None, progress: bool = True,
+               cond_latents: torch.Tensor | None = None) -> torch.Tensor:
+        """Latents [1, C, F, h, w] for one request (same on every rank of the replica). ``cond_latents``: the
+        request's clean latent frames when the caller already encoded them (skips the encode)."""
         h, w = check_request(req, self.model.config)
         cfg, dev = self.model.config, self.groups.device
-        cond = self.condition_latents(req)
+        cond = self.condition_latents(req) if cond_latents is None else cond_latents.to(dev).float()
         shape = (1, cfg.in_channels, (req.frames - 1) // TEMPORAL_FACTOR + 1, h // SPATIAL_FACTOR, w // SPATIAL_FACTOR)
         noise = initial_noise(shape, [req.seed]).to(dev)
         text = req.text[None].to(dev)

@@ -131,6 +131,10 @@ def export(ckpt, out, layout: str = "official", *, ema: bool = False, dtype: str
     if dtype != "fp32":
         model.to(DTYPES[dtype])  # in place: the parameters keep their TP attributes for the gather
     model.save_pretrained(out, layout=layout)
+    if dist.get_rank() == 0:  # the run's recorded VAE beside the DiT, so generate / evaluate need nothing else
+        from megawan.vae.pretrained import export_recorded_vae
+
+        export_recorded_vae(ckpt, out, layout)
     return out
 
 

@@ -144,6 +144,13 @@ def render_frame(states: np.ndarray, background: np.ndarray, size: int) -> np.nd
     return image
 
 
+def render_clip(rng: np.random.Generator, num_frames: int, size: int = 256) -> np.ndarray:
+    """A fresh clip of the sample world: one segment's states and background, uint8 [num_frames, size, size, 3]
+    (what a shard's video holds before H.264; used to fit the tiny VAE on unlimited clips)."""
+    states, background = segment_states(rng, num_frames), segment_background(rng)
+    return np.stack([render_frame(states[i], background, size) for i in range(num_frames)])
+
+
 def make_shard(num_frames: int, first_segment_id: int, seed: int, min_seg: int, max_seg: int):
     """Segment ids [N] int32, states [N, 25] float32 and per-frame backgrounds for one shard."""
     rng = np.random.default_rng(seed)

@@ -78,7 +78,8 @@ class DataSection:
     backend: str = "auto"  # video decoder
     batch_size: int = 1  # per data-parallel rank and micro-batch
     num_workers: int = 0
-    vae: str = "tiny"  # a VAE preset ("tiny") or a released VAE (Wan2.2_VAE.pth / diffusers folder)
+    vae: str = "tiny"  # a preset ("tiny": random), a fitted VAE of the package ("tiny_sample") or a VAE path
+    memo_latents: bool = False  # 1X: keep each window's latents in memory after its first encode (small splits)
     empty_prompt: str | None = None  # safetensors with `text_embeds` (e.g. a cache's empty_prompt.safetensors)
     bad_input: str = "skip"
 
@@ -117,6 +118,8 @@ class ValidationSection:
     rollout_clips: int = 2
     rollout_steps: int = 20  # sampler steps per rollout
     weights: str = "auto"  # what validation and rollouts score: auto (the EMA when optim.ema_decay > 0) | raw | ema | both
+    rollout_conditions: list[str] = field(default_factory=lambda: ["true", "zeroed", "swapped"])  # states per
+    # rollout (state-conditioned models): the true ones first; zeroed / swapped / shifted measure their use
 
 
 @dataclass
@@ -306,6 +309,13 @@ def _check_rules(cfg: TrainConfig) -> None:
     if cfg.data.size is not None and (len(cfg.data.size) != 2 or any(s % 16 for s in cfg.data.size)):
         raise ConfigError(f"data.size must be [H, W] with multiples of 16 (the VAE's spatial factor), "
                           f"got {cfg.data.size}")
+    from megawan.evaluation.rollouts import STATE_CONDITIONS
+
+    conditions = cfg.validation.rollout_conditions
+    if not conditions or conditions[0] != "true" or len(set(conditions)) != len(conditions) or \
+            any(c not in STATE_CONDITIONS for c in conditions):
+        raise ConfigError(f"validation.rollout_conditions must start with 'true' and name each of {STATE_CONDITIONS} "
+                          f"at most once, got {conditions}")
     if cfg.optim.warmup_steps >= cfg.run.steps:
         raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} must be < run.steps={cfg.run.steps} "
                           "(the LR schedule warms up, then decays over the remaining steps)")

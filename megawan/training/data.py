@@ -22,7 +22,8 @@ from megawan.data.loader import ClipLoader
 from megawan.data.sampler import DistributedClipSampler
 from megawan.data.text_encoder import pad_text_embedding
 from megawan.data.world_model_1x import WorldModel1XConfig, WorldModel1XDataset
-from megawan.vae import WanVAE38, WanVAE38Config
+from megawan.vae import WanVAE38
+from megawan.vae.pretrained import load_vae
 
 logger = logging.getLogger("megawan.train")
 
@@ -64,10 +65,8 @@ def _load_empty_prompt(path: str | None, text_dim: int, text_len: int) -> torch.
 
 
 def build_vae(data_cfg, device) -> WanVAE38:
-    if data_cfg.vae in ("tiny",):
-        torch.manual_seed(0)  # the same random tiny VAE on every rank and every run
-        return WanVAE38(WanVAE38Config.preset(data_cfg.vae)).to(device).eval()
-    return WanVAE38.from_pretrained(data_cfg.vae, device=device).eval()
+    """``data.vae``: a preset (random weights, seed 0), a fitted VAE of the package (``tiny_sample``) or a path."""
+    return load_vae(data_cfg.vae, device)
 
 
 def build_dataset(data_cfg, root: str | None = None):
@@ -80,15 +79,48 @@ def build_dataset(data_cfg, root: str | None = None):
         backend=data_cfg.backend, bad_input=data_cfg.bad_input))
 
 
+class MemoisedClips(torch.utils.data.Dataset):
+    """A 1X dataset whose items, once their latents are in ``memo`` (item -> (latents, states)), are not decoded
+    again: such an item comes back with a zero video of the clip's shape (stacked like any other, never encoded)
+    and ``"item"``, which ``TrainingData.to_batch`` uses to take its latents from the memo. The memo is filled in
+    the training process, so it saves work only when items are read there (``data.num_workers`` 0)."""
+
+    def __init__(self, dataset, memo: dict):
+        self.dataset, self.memo = dataset, memo
+        self.report = getattr(dataset, "report", None)
+        self._blank = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        hit = self.memo.get(i)
+        if hit is None or self._blank is None:
+            item = self.dataset[i]
+            if self._blank is None:
+                self._blank = torch.zeros_like(item["video"])
+            return {"video": item["video"], "states": item["states"], "item": i,
+                    **({"skipped": item["skipped"]} if "skipped" in item else {})}
+        return {"video": self._blank, "states": hit[1], "item": i}
+
+
 class TrainingData:
-    """The loader of this rank's clips and their conversion into ``Batch`` es (the VAE call is collective)."""
+    """The loader of this rank's clips and their conversion into ``Batch`` es (the VAE call is collective).
+
+    ``data.memo_latents`` keeps each 1X window's latents in memory after its first encode (27 KiB a window
+    at 33 frames of 64 x 64): a small split such as the sample data (464 windows) is then decoded and encoded
+    once per window instead of once per visit, which is most of a tiny model's step time on CPU. The latents
+    are the same either way (the encode is deterministic); the memo is not saved with checkpoints.
+    """
 
     def __init__(self, data_cfg, groups, *, text_dim: int, text_len: int, seed: int, with_states: bool):
         self.cfg, self.groups, self.with_states = data_cfg, groups, with_states
         self.dataset = build_dataset(data_cfg)
+        self.memo: dict | None = {} if data_cfg.memo_latents and data_cfg.source == "1x" else None
         self.sampler = DistributedClipSampler(len(self.dataset), dp_rank=groups.dp_rank, dp_size=groups.dp,
                                               seed=seed)
-        self.loader = ClipLoader(self.dataset, self.sampler, batch_size=data_cfg.batch_size,
+        source = self.dataset if self.memo is None else MemoisedClips(self.dataset, self.memo)
+        self.loader = ClipLoader(source, self.sampler, batch_size=data_cfg.batch_size,
                                  num_workers=data_cfg.num_workers,
                                  decode_device=groups.device if groups.device.type == "cuda" else None)
         self.vae = build_vae(data_cfg, groups.device) if data_cfg.source == "1x" else None
@@ -106,13 +138,29 @@ class TrainingData:
             for raw in self.loader:
                 yield self.to_batch(raw)
 
+    def _encode(self, video: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            video = video.to(self.groups.device, self.vae_dtype)
+            return self.vae.encode(video, self.groups.vae_group if self.groups.tp * self.groups.cp > 1 else None,
+                                   gather_output=True).float()
+
+    def _memo_latents(self, raw: dict) -> torch.Tensor:
+        """Latents of a batch of ``MemoisedClips`` items: the memo's, and an encode of the others (the replica's
+        ranks hold the same items, so they agree on what to encode)."""
+        items = raw["item"].tolist()
+        missing = [k for k, item in enumerate(items) if item not in self.memo]
+        if missing:
+            encoded = self._encode(raw["video"][missing])
+            for k, latents in zip(missing, encoded):
+                self.memo[items[k]] = (latents.cpu(), raw["states"][k].clone())
+        return torch.stack([self.memo[item][0] for item in items]).to(self.groups.device)
+
     def to_batch(self, raw: dict) -> Batch:
         dev = self.groups.device
-        if self.vae is not None:
-            with torch.no_grad():
-                video = raw["video"].to(dev, self.vae_dtype)
-                latents = self.vae.encode(video, self.groups.vae_group if self.groups.tp * self.groups.cp > 1
-                                          else None, gather_output=True).float()
+        if self.vae is not None and self.memo is not None and "item" in raw:
+            latents = self._memo_latents(raw)
+        elif self.vae is not None:
+            latents = self._encode(raw["video"])
         else:
             latents = raw["latents"].to(dev).float()
         n = latents.shape[0]

@@ -49,6 +49,8 @@ from megawan.training.run_lock import RunFolderLocked, RunLock
 from megawan.training.signals import StopRequest
 from megawan.training.optim import (ShardedEMA, apply_optimizer_config, build_optimizer, finish_grad_sync,
                                     grads_are_finite, wrap_ddp)
+from megawan.vae.pretrained import record_vae
+from megawan.evaluation.pictures import write_training_curves
 
 logger = logging.getLogger("megawan.train")
 
@@ -501,7 +503,7 @@ class Trainer:
         """World-model rollouts on fixed held-out clips, scored like the 1X challenge (PSNR / SSIM of the
         predicted frames against the truth and the copy-last-context-frame baseline), of the trained weights
         or (``weights="ema"``) of the EMA."""
-        from megawan.evaluation import evaluate_rollouts
+        from megawan.evaluation.rollouts import evaluate_rollouts, write_rollout_sheet
         from megawan.pipelines.sampling import SamplingConfig
 
         vcfg, data_cfg = self.cfg.validation, self.cfg.data
@@ -516,11 +518,18 @@ class Trainer:
         if self._rollout_vae is None:  # the training data's VAE, or (latent cache) one loaded once and kept
             self._rollout_vae = self.data.vae if self.data.vae is not None else \
                 self._read_on_every_rank(lambda: build_vae(data_cfg, self.groups.device))
+        conditions = [c for c in vcfg.rollout_conditions if c != "swapped" or len(self._rollout_clips) > 1] \
+            if self.dit_config.state_dim else ["true"]
         with self.weights(weights):
-            return evaluate_rollouts(self.model, self._rollout_vae, self._rollout_clips, self.groups,
-                                     text=self.data.empty_text,
-                                     config=SamplingConfig(steps=vcfg.rollout_steps, guidance=1.0),
-                                     context_frames=self.rollout_context_frames(), seed=vcfg.seed)
+            result = evaluate_rollouts(self.model, self._rollout_vae, self._rollout_clips, self.groups,
+                                       text=self.data.empty_text,
+                                       config=SamplingConfig(steps=vcfg.rollout_steps, guidance=1.0),
+                                       context_frames=self.rollout_context_frames(), seed=vcfg.seed,
+                                       conditions=conditions)
+        if self.rank == 0:
+            suffix = "" if weights == "raw" else f"_{weights}"
+            write_rollout_sheet(result, self.out_dir / "rollouts" / f"step_{self.step:08d}{suffix}.png")
+        return result
 
     # ---- checkpoints ----------------------------------------------------------------------------
 
@@ -617,6 +626,7 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             # the config in force; after a resume, a header names the checkpoint and what changed since
             (self.out_dir / "resolved_config.yaml").write_text(dump_config(cfg, header=self.resume_note))
+            record_vae(cfg.data.vae, self.out_dir, self.data.vae)  # the run folder alone samples and evaluates
             checkpointing.remove_torn(self.ckpt_dir)
         dist.barrier()
         # metrics.jsonl / TensorBoard drop what came after this step: the steps about to be redone
@@ -680,9 +690,11 @@ class Trainer:
                 path, saved_at = self.save(), self.step
         finally:
             log.close()
+        curves = write_training_curves(self.out_dir, cfg.run.name) if self.rank == 0 else None
         if preempted and self.rank == 0:
             what = f"checkpoint {path} written at step {self.step}" if saved_at == self.step else \
                 f"nothing new since checkpoint {path} (step {self.step})"
             print(f"preempted: {what}; rerun the same command to resume (stop requested by {self.stop.signal_name})",
                   flush=True)
-        return {"step": self.step, "checkpoint": str(path) if path else None, "preempted": preempted, **last}
+        return {"step": self.step, "checkpoint": str(path) if path else None, "preempted": preempted,
+                "curves": curves, **last}

@@ -192,6 +192,28 @@ class WanVAE38(nn.Module):
         std = torch.tensor(self.config.latents_std, dtype=like.dtype, device=like.device).view(shape)
         return mean, std
 
+    # ---- the chunked passes (differentiable: encode / decode wrap them in no_grad; fitting calls them) ----
+    def encode_moments(self, video: torch.Tensor, part: SpatialPartition) -> torch.Tensor:
+        """This rank's video tile [B, 3, T, H, W] -> raw posterior moments [B, 2 z_dim, (T-1)/4+1, h, w]
+        (mean, then log-variance; not normalised), frame 0 alone and then chunks of 4 frames."""
+        param = self.quant_conv.weight
+        x = patchify(video.to(device=param.device, dtype=param.dtype))
+        ctx = StreamContext(part)
+        moments = []
+        for chunk in _time_chunks(x, ENCODE_CHUNK):
+            moments.append(self.quant_conv(self.encoder(chunk, ctx), ctx))
+            ctx.first_chunk = False
+        return torch.cat(moments, dim=2)
+
+    def decode_raw(self, z: torch.Tensor, part: SpatialPartition, frames_per_step: int = 1):
+        """Yield the video tile [B, 3, n, H, W] (not clamped) for raw (un-normalised) latents [B, z_dim, T, h, w],
+        one latent frame (1 video frame), then ``frames_per_step`` latent frames (4 each) at a time."""
+        ctx = StreamContext(part)
+        for step in _time_chunks(z, frames_per_step):
+            out = self.decoder(self.post_quant_conv(step, ctx), ctx)
+            ctx.first_chunk = False
+            yield unpatchify(out)
+
     # ---- encode ------------------------------------------------------------------------------------
     def _check_video(self, video: torch.Tensor, band_input: bool) -> None:
         what = "video band" if band_input else "video"
@@ -222,15 +244,7 @@ class WanVAE38(nn.Module):
                               stats=stats, device=video.device)
         if not band_input:
             video = part.take_tile(video, SPATIAL_FACTOR)
-        param = self.quant_conv.weight
-        x = patchify(video.to(device=param.device, dtype=param.dtype))
-        ctx = StreamContext(part)
-        latents = []
-        for chunk in _time_chunks(x, ENCODE_CHUNK):
-            moments = self.quant_conv(self.encoder(chunk, ctx), ctx)
-            latents.append(moments[:, : self.config.z_dim])  # mu; the log-variance half is unused
-            ctx.first_chunk = False
-        mu = torch.cat(latents, dim=2)
+        mu = self.encode_moments(video, part)[:, : self.config.z_dim]  # the log-variance half is unused here
         mean, std = self._latent_stats(mu)
         mu = (mu - mean) * std.reciprocal()
         return part.gather_tiles(mu, 1) if gather_output else mu
@@ -261,12 +275,8 @@ class WanVAE38(nn.Module):
         param = self.post_quant_conv.weight  # decode-only models may leave the encoder unallocated
         z = latents.to(device=param.device, dtype=param.dtype)
         mean, std = self._latent_stats(z)
-        z = z * std + mean
-        ctx = StreamContext(part)
-        for step in _time_chunks(z, frames_per_step):
-            out = self.decoder(self.post_quant_conv(step, ctx), ctx)
-            ctx.first_chunk = False
-            yield unpatchify(out).clamp_(-1.0, 1.0)
+        for frames in self.decode_raw(z * std + mean, part, frames_per_step):
+            yield frames.clamp_(-1.0, 1.0)
 
     def decode(self, latents: torch.Tensor, group: dist.ProcessGroup | None = None, *, grid=None,
                band_input: bool = False, gather_output: bool = False, frames_per_step: int = 1,
