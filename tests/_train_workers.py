@@ -33,7 +33,7 @@ def tiny_overrides(data_root, out_dir, **extra) -> dict:
             "data": {"root": str(data_root), "clip_frames": 9, "size": [64, 64], "batch_size": 1,
                      "empty_prompt": str(os.path.join(os.path.dirname(str(data_root)), "prompt.safetensors"))},
             "objective": {"clean_frames": 1}, "optim": {"warmup_steps": 0},
-            "checkpoint": {"every": 0, "keep": 3}, "validation": {"every": 0},
+            "checkpoint": {"every": 0, "keep": 3}, "validation": {"every": 0, "rollout_every": 0},
             "logging": {"progress_bar": False, "tensorboard": False, "every": 100}}
     for key, value in extra.items():
         node = tree

@@ -29,7 +29,8 @@ TOL = 1e-5  # fp32 end to end: only summation order differs (megawan's fused q/k
 def _argv(data, out, **extra):
     args = {"run.steps": 3, "run.out_dir": out, "parallel.tp": 2, "parallel.cp": 1, "data.root": data,
             "data.clip_frames": 9, "data.size": "[32,32]", "objective.clean_frames": 1, "model.state_dim": 0,
-            "optim.warmup_steps": 1, "optim.ema_decay": 0.5, "validation.every": 0, "checkpoint.every": 0,
+            "optim.warmup_steps": 1, "optim.ema_decay": 0.5, "validation.every": 0, "validation.rollout_every": 0,
+            "checkpoint.every": 0,
             "logging.tensorboard": "false", "logging.progress_bar": "false", **extra}
     return [tok for k, v in args.items() for tok in (f"--{k}", str(v))]
 
