@@ -101,12 +101,36 @@ def test_block_fp8_forward_backward_close_to_bf16(mode, device):
     assert 0 < max(grads.values()) < GRAD_BOUND[mode], grads
 
 
+@pytest.mark.parametrize("rowwise", [False, True], ids=["tensorwise", "rowwise"])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_the_cpu_scaled_gemm_is_torchs_scaled_mm_bit_for_bit(rowwise, out_dtype):
+    """Off CUDA, fp8.scaled_mm is the fp32 product of the FP8 values over their scales; it equals
+    torch._scaled_mm's CPU kernel (through torchao's wrapper, as on CUDA) bit for bit, with both formats.
+    One exception: with rowwise scales the CPU kernel rounds an fp32 output through bf16 (the CUDA
+    rowwise kernel has only bf16 outputs); there the fp32 product, rounded to bf16, is the kernel's."""
+    from torchao.float8.float8_ops import addmm_float8_unwrapped
+
+    g = torch.Generator().manual_seed(0)
+    for left in (fp8_mod.E4M3, fp8_mod.E5M2):
+        a = torch.randn(40, 48, generator=g).bfloat16() * 3
+        b = torch.randn(48, 24, generator=g).bfloat16()
+        a8, sa = fp8_mod._cast(a, left, rowwise, dim=-1)
+        bt8, sbt = fp8_mod._cast(b.t(), fp8_mod.E4M3, rowwise, dim=-1)
+        sb = sbt.t() if rowwise else sbt
+        a8, b8 = a8.contiguous(), bt8.contiguous().t()
+        want = addmm_float8_unwrapped(a8, sa, b8, sb, out_dtype, use_fast_accum=False)
+        got = fp8_mod.scaled_mm(a8, sa, b8, sb, out_dtype, False)
+        if rowwise and out_dtype == torch.float32:
+            got = got.bfloat16().float()
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("mode", NATIVE)
 def test_fp8_covers_the_block_gemms_and_nothing_else(mode, monkeypatch, device):
     """8 FP8 GEMMs per FP8 block forward, 16 in backward; none outside the blocks; edge blocks in bf16."""
     calls = []
-    real = torch._scaled_mm
-    monkeypatch.setattr(torch, "_scaled_mm", lambda a, b, **kw: calls.append(a.shape) or real(a, b, **kw))
+    real = fp8_mod.scaled_mm
+    monkeypatch.setattr(fp8_mod, "scaled_mm", lambda a, *rest: calls.append(a.shape) or real(a, *rest))
     x, t, text = _on(device, *make_case(2, 4, 4, per_token=True, batch=1))
     outs = {}
     for edge in (0, 1):

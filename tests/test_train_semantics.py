@@ -143,9 +143,10 @@ def test_a_resume_refuses_what_it_cannot_honour(data_root, tmp_path_factory, cha
 
 def test_validation_needs_a_held_out_split():
     with pytest.raises(ConfigError, match="validation.every=20 needs validation.root, a held-out split"):
-        load_config("tiny_1x", ["--validation.root", "null"])
+        load_config("tiny_1x", ["--validation.root", "null", "--validation.every", "20"])
     with pytest.raises(ConfigError, match="validation.rollout_every=40 needs validation.root"):
-        load_config("tiny_1x", ["--validation.root", "null", "--validation.every", "0"])
+        load_config("tiny_1x", ["--validation.root", "null", "--validation.every", "0",
+                                "--validation.rollout_every", "40"])
     with pytest.raises(ConfigError, match="validation.root is the training data"):
         load_config("tiny_1x", ["--validation.root", "outputs/sample_1x/train_v2.0_raw"])
     with pytest.raises(ConfigError, match="validation.weights=ema needs an EMA"):

@@ -4,7 +4,7 @@ Modes:
 
 * ``"off"``: the GEMMs run in the runtime dtype (bf16 in training).
 * ``"native-tensorwise"`` / ``"native-rowwise"``: megatron-core's local linears with their GEMMs
-  replaced by ``torch._scaled_mm`` (runs on CPU and on Hopper+). Dynamic scales computed from the
+  replaced by ``torch._scaled_mm`` on Hopper+ (on CPU its product in fp32, see ``scaled_mm``). Dynamic scales computed from the
   tensor just before each cast: one per tensor, or one per row of the left operand and per column of
   the right one (along the GEMM's inner dimension). Forward operands are e4m3. Gradients are e5m2 in
   tensorwise mode; in rowwise mode e4m3 (torchao's rowwise recipe: per-row scales already cover the
@@ -150,16 +150,30 @@ def fp8_mm(a: torch.Tensor, b: torch.Tensor, a_dtype: torch.dtype, b_dtype: torc
     The inner dimension is zero-padded to a multiple of 16 (a ``_scaled_mm`` constraint on GPUs; the
     weight-gradient GEMM contracts over tokens, whose count is arbitrary): zeros add nothing.
     """
-    from torchao.float8.float8_ops import addmm_float8_unwrapped
-
     k = a.shape[1]
     if k % 16:
         a, b = F.pad(a, (0, 16 - k % 16)), F.pad(b, (0, 0, 0, 16 - k % 16))
     a8, sa = _cast(a, a_dtype, rowwise, dim=-1)  # [M, K] row-major, scales [M, 1]
     bt8, sbt = _cast(b.t(), b_dtype, rowwise, dim=-1)  # b^T row-major = b column-major, as _scaled_mm wants
     sb = sbt.t() if rowwise else sbt  # [1, N]
-    return addmm_float8_unwrapped(a8.contiguous(), sa, bt8.contiguous().t(), sb, out_dtype,
-                                  use_fast_accum=fast_accum)
+    return scaled_mm(a8.contiguous(), sa, bt8.contiguous().t(), sb, out_dtype, fast_accum)
+
+
+def scaled_mm(a8: torch.Tensor, sa: torch.Tensor, b8: torch.Tensor, sb: torch.Tensor, out_dtype: torch.dtype,
+              fast_accum: bool) -> torch.Tensor:
+    """(a8 / sa) @ (b8 / sb) in ``out_dtype``: a8 [M, K] row-major, b8 [K, N] column-major, FP8 values with
+    the scales they were cast with (x_fp8 = x * scale).
+
+    On CUDA: ``torch._scaled_mm`` through torchao's wrapper. Elsewhere the same product in fp32 (FP8 values
+    and power-of-2 scales are exact in fp32; the accumulation is fp32 as the kernel's): torch's CPU
+    ``_scaled_mm`` is a reference loop, about 2e7 multiply-adds/s on the 2-core CI machine (a 30-step tiny
+    training took over half an hour), and computes nothing more. tests/test_dit_fp8.py checks the two agree.
+    """
+    if a8.is_cuda:
+        from torchao.float8.float8_ops import addmm_float8_unwrapped
+
+        return addmm_float8_unwrapped(a8, sa, b8, sb, out_dtype, use_fast_accum=fast_accum)
+    return (torch.mm(a8.float(), b8.float()) / (sa.float() * sb.float())).to(out_dtype)
 
 
 class Fp8Gemm:
