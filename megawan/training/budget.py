@@ -201,9 +201,10 @@ class DeviceReserve:
         return self.cuda_context + self.nccl + self.fragmentation + self.vae
 
     def describe(self) -> str:
-        parts = ", ".join(f"{k.replace('_', ' ')} {getattr(self, k) / GIB:.1f}" for k in
+        unit, scale = ("GiB", GIB) if self.total >= GIB else ("MiB", 2**20)
+        parts = ", ".join(f"{k.replace('_', ' ')} {getattr(self, k) / scale:.1f}" for k in
                           ("cuda_context", "nccl", "fragmentation", "vae") if getattr(self, k))
-        return f"{self.total / GIB:.1f} GiB" + (f" ({parts} GiB)" if parts else "")
+        return f"{self.total / scale:.1f} {unit}" + (f" ({parts} {unit})" if parts else "")
 
 
 def vae_encode_bytes(vae_params: int, base_dim: int, frames: int, height: int, width: int, shards: int,
