@@ -82,6 +82,57 @@ def test_planner_bytes_are_the_counted_formula(layout):
         assert planned == pytest.approx(expected), (phase, planned, expected)
 
 
+def _data_parallel_step_bytes():
+    """One gradient reduction and optimizer step of megatron's DDP + distributed optimizer (the trainer's
+    wrap_ddp / build_optimizer / finish_grad_sync) on the tiny DiT in bf16, every collective counted."""
+    import warnings
+
+    from megawan import parallel_state
+    from megawan.models.dit import DiTRuntime, WanDiT
+    from megawan.training.config import OptimSection
+    from megawan.training.optim import build_optimizer, finish_grad_sync, wrap_ddp
+
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\..* is deprecated", category=FutureWarning)
+    _bench()
+    from bench._collective_counter import CollectiveCounter
+
+    groups = parallel_state.initialize(tp=1, num_heads=None, backend="gloo")
+    torch.manual_seed(0)
+    model = WanDiT(WanDiTConfig.load("tiny"), groups, DiTRuntime(dtype=torch.bfloat16, linear_impl="local",
+                                                                  compile_blocks=False))
+    ddp = wrap_ddp(model, groups)
+    optimizer, _ = build_optimizer(ddp, OptimSection(), groups, total_steps=10)
+    ddp.zero_grad_buffer()
+    for p in model.parameters():
+        p.main_grad.fill_(0.01)
+    with CollectiveCounter() as counter:
+        counter.phase = "grad-sync"
+        finish_grad_sync(ddp, groups)
+        counter.phase = "param-gather"
+        optimizer.step()
+    return counter.snapshot()
+
+
+def test_data_parallel_bytes_equal_the_counted_bytes():
+    """DP2 (2 gloo ranks): the fp32 gradient reduce-scatter and the parameter all-gather after the step, counted
+    from the collective calls, equal the planner's figures within megatron's bucket padding (992 elements here)."""
+    from megawan.testing import run_distributed
+
+    cfg = WanDiTConfig.load("tiny")
+    weights = estimate_memory(cfg, tokens=16, batch=1, tp=1, cp=1, dp=2).weights
+    planned = {c.phase: c.wire_bytes for c in comm.step_collectives(
+        cfg, tokens=16, batch=1, accumulation=1, tp=1, cp=1, dp=2, cp_impl="ulysses", ulysses_size=None,
+        gpus_per_node=2, recompute=None, weight_bytes=weights) if c.group == "dp_cp"}
+    for counted in run_distributed(_data_parallel_step_bytes, 2, timeout_s=300):
+        (rs_key, (_, _, rs_wire)), = counted["grad-sync"].items()
+        gathers = {k: v for k, v in counted["param-gather"].items() if k[0] == "all_gather_into_tensor"}
+        (_, (_, _, ag_wire)), = gathers.items()
+        assert rs_key[0] == "reduce_scatter_tensor"
+        assert rs_wire == pytest.approx(planned["grad-sync"], rel=1e-3)
+        assert ag_wire == pytest.approx(planned["param-gather"], rel=1e-3)
+        assert rs_wire >= planned["grad-sync"] and ag_wire >= planned["param-gather"]  # padding only adds
+
+
 def test_groups_sit_on_the_links_megatrons_rank_order_puts_them():
     """TP2 x CP4 hybrid 2 x 2 on nodes of 4 GPUs: TP and Ulysses inside a node, the ring across (docs/dit.md);
     the DP x CP gradient group crosses nodes once the world does."""

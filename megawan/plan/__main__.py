@@ -42,7 +42,7 @@ def format_table(rows: list[list[str]], header: list[str]) -> str:
 
 def collective_table(row: Row) -> str:
     cells = [[c.phase, c.name, c.group, c.link, f"{c.wire_bytes / 2**20:,.1f}",
-              "counted on gloo" if c.counted else "analytic"] for c in row.collectives]
+              "counted on gloo" if c.counted else "analytic only"] for c in row.collectives]
     return format_table(cells, ["phase", "collective", "group", "link", "MiB / rank / step", "checked"])
 
 

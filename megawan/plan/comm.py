@@ -113,7 +113,8 @@ class Collective:
     link: str  # nvlink | ib
     wire_bytes: float
     phase: str  # fwd | bwd | recompute | grad-sync | param-gather
-    counted: bool  # equal to bytes counted on gloo by a test (block fwd / bwd); False: analytic only
+    counted: bool  # equal to bytes counted on gloo by tests/test_plan.py (exactly for the block fwd / bwd, within
+    # megatron's bucket padding for the DP reduce-scatter and gather); False: analytic only
 
 
 def step_collectives(cfg: WanDiTConfig, *, tokens: int, batch: int, accumulation: int, tp: int, cp: int, dp: int,
@@ -125,7 +126,7 @@ def step_collectives(cfg: WanDiTConfig, *, tokens: int, batch: int, accumulation
     * grad-sync: the fp32 grad buffer reduce-scattered over DP x CP ((n-1)/n x 4 B x local params), and under SP
       the TP all-reduce of the sequence-parallel params' grads (the replicated ones but the text embedder's);
     * param-gather: the updated params all-gathered over DP x CP ((n-1)/n x ``weight_bytes``, the rank's params
-      in their own dtypes).
+      in their own dtypes; megatron pads its buckets, a few hundred elements more).
     Not counted (small): the collectives outside the blocks (token scatter, text entry, head gather), the
     gradient-norm and finite-check all-reduces, and megatron's buffer padding."""
     u = {"ulysses": cp, "ring": 1, "hybrid": ulysses_size}[cp_impl]
@@ -149,8 +150,8 @@ def step_collectives(cfg: WanDiTConfig, *, tokens: int, batch: int, accumulation
     split, replicated = dit_param_counts(cfg)
     if n > 1:
         local = split / tp + replicated
-        add("reduce_scatter_tensor (grads, fp32)", "dp_cp", "grad-sync", (n - 1) / n * 4 * local, False)
-        add("all_gather_into_tensor (params)", "dp_cp", "param-gather", (n - 1) / n * weight_bytes, False)
+        add("reduce_scatter_tensor (grads, fp32)", "dp_cp", "grad-sync", (n - 1) / n * 4 * local, True)
+        add("all_gather_into_tensor (params)", "dp_cp", "param-gather", (n - 1) / n * weight_bytes, True)
     if tp > 1 and sequence_parallel:
         text_embedder = cfg.text_dim * cfg.dim + cfg.dim + cfg.dim * cfg.dim + cfg.dim
         add("all_reduce (SP grads)", "tp", "grad-sync", 2 * (tp - 1) / tp * 4 * (replicated - text_embedder), False)
