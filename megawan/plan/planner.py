@@ -312,7 +312,7 @@ def explain(rows: list[Row]) -> str:
         smallest = min(rows, key=lambda r: r.memory.total)
         return (f"nothing fits: the smallest, {smallest.layout.name} with {smallest.layout.recompute or 'no'} "
                 f"recomputation, needs {smallest.memory.total / GIB:.1f} GiB of {smallest.memory.capacity / GIB:.1f}; "
-                f"use more GPUs, shorter clips or smaller frames")
+                f"use more GPUs, shorter clips or a smaller frame size")
     t, lay = top.time, top.layout
     parts = [f"{lay.name}, {lay.recompute or 'no'} recomputation, micro-batch {lay.micro_batch} x "
              f"{lay.accumulation}: the fastest of {sum(r.fits for r in rows)} layouts that fit "
