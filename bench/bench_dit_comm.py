@@ -12,8 +12,9 @@ blocks (token scatter, text-context entry, head gather) cancel. Phases:
 Bytes per rank ("wire"): bytes this rank sends with a bandwidth-optimal algorithm: all-gather (n-1) x
 its input, reduce-scatter (n-1) x its output, all-reduce 2 (n-1)/n x the tensor, all-to-all (n-1)/n x the
 input. "buffer" is the full tensor the collective works on (gathered output, reduce-scatter input,
-all-reduce tensor, all-to-all input). The analytic minimum (Megatron TP + SP, Ulysses / ring / hybrid CP, see the
-DiT dataflow reference and docs/dit.md) uses the same wire definition; for one block and one forward with
+all-reduce tensor, all-to-all input). The analytic minimum (``megawan.plan.comm.block_bytes``: Megatron TP + SP,
+Ulysses / ring / hybrid CP, see the DiT dataflow reference and docs/dit.md) uses the same wire definition; for one
+block and one forward with
 Lc = padded tokens / cp, B = batch, D = dim, s = bytes of the compute dtype, Lt = 512 text tokens:
 
 * SP on: 3 all-gathers + 3 reduce-scatters of Lc x B x D, each (t-1)/t x Lc B D s on the wire;
@@ -51,6 +52,9 @@ from bench._table import format_table as _format_table  # noqa: E402
 from megawan import parallel_state  # noqa: E402
 from megawan.models.dit import DiTRuntime, WanDiT, WanDiTConfig  # noqa: E402
 from megawan.parallel_state.grads import reduce_model_parallel_grads  # noqa: E402
+# the analytic figures live with the layout planner (megawan/plan/comm.py): one formula for the bench, the
+# tests that count bytes on gloo and `python -m megawan.plan`
+from megawan.plan.comm import block_bytes as analytic  # noqa: E402
 from megawan.testing import run_distributed  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -150,43 +154,6 @@ def block_difference(one: dict, two: dict) -> dict:
                 diff[key] = d
         out[phase] = diff
     return out
-
-
-def analytic(tp, cp, sp, padded_tokens, batch, dim, elem, text_len=512, cp_impl="ulysses",
-             ulysses_size=None) -> dict:
-    """{phase: {key: (calls, wire bytes)}} of one block (fwd and bwd) under Megatron TP(+SP) and context
-    parallelism of u x r ranks (Ulysses u = cp, ring u = 1, hybrid u = ulysses_size):
-
-    * Ulysses part (u > 1): 4 all-to-alls (q, k, v, out) of Lc x B x D/t, each (u-1)/u on the wire, forward
-      and backward, over the CP group (pure Ulysses) or the Ulysses group (hybrid);
-    * ring part (r > 1): a key/value block is [u Lc, B, H/(t u), d] = 2 Lc B D/t elements for k and v;
-      forward sends r-1 of them (one batch_isend_irecv per step); backward sends them again (r-1) and
-      r fp32 key/value gradient blocks of the same shape, over the CP group (pure ring) or the ring group.
-    """
-    lc = padded_tokens // cp
-    u = {"ulysses": cp, "ring": 1, "hybrid": ulysses_size}[cp_impl]
-    r = cp // u
-    act = lc * batch * dim * elem
-    fwd = {}
-    if tp > 1:
-        if sp:
-            fwd[("all_gather_into_tensor", "tp", "")] = (3, 3 * act * (tp - 1) / tp)
-            fwd[("reduce_scatter_tensor", "tp", "")] = (3, 3 * act * (tp - 1) / tp)
-        else:
-            fwd[("all_reduce", "tp", "")] = (3, 3 * 2 * act * (tp - 1) / tp)
-        fwd[("all_reduce", "tp", "qk-norm sum-sq")] = (4, 2 * (tp - 1) / tp * 4 * batch * (3 * lc + text_len))
-    hybrid = u > 1 and r > 1
-    if u > 1:
-        fwd[("all_to_all_single", "ulysses" if hybrid else "cp", "")] = (4, 4 * act / tp * (u - 1) / u)
-    bwd = dict(fwd)
-    if r > 1:
-        kv = 2 * act / tp  # k and v of one ring block, compute dtype
-        ring = "ring" if hybrid else "cp"
-        fwd[("batch_isend_irecv", ring, "")] = (r - 1, (r - 1) * kv)
-        bwd[("batch_isend_irecv", ring, "")] = (2 * r - 1, (r - 1) * kv + r * kv / elem * 4)
-    if tp > 1 and sp:  # the column layers re-gather their saved local input shard
-        bwd[("all_gather_into_tensor", "tp", "")] = (6, 6 * act * (tp - 1) / tp)
-    return {"fwd": fwd, "bwd": bwd}
 
 
 def _sort_key(key):

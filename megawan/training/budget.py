@@ -43,12 +43,19 @@ from megawan.parallel_state.layout import LayoutError, ParallelLayout
 GIB = 2**30
 
 
-def block_flops(tokens: int, dim: int, ffn: int, text_len: int) -> int:
-    """Forward FLOPs of one block on one sample: GEMMs (q, k, v, o; cross q, o; cross k, v on the text;
-    fc1, fc2) and the attention cores (self: L x L, cross: L x Lt)."""
+def block_flops_parts(tokens: int, dim: int, ffn: int, text_len: int) -> tuple[int, int, int]:
+    """(GEMM FLOPs, of which the FFN's, attention-core FLOPs) of one block's forward on one sample: GEMMs (q, k,
+    v, o; cross q, o; cross k, v on the text; fc1, fc2) and the attention cores (self: L x L, cross: L x Lt)."""
     L, D, F, Lt = tokens, dim, ffn, text_len
-    gemms = 2 * L * D * (4 * D + 2 * D + 2 * F) + 2 * Lt * D * 2 * D
+    ffn_gemms = 2 * L * D * 2 * F
+    gemms = 2 * L * D * (4 * D + 2 * D) + ffn_gemms + 2 * Lt * D * 2 * D
     cores = 4 * L * L * D + 4 * L * Lt * D
+    return gemms, ffn_gemms, cores
+
+
+def block_flops(tokens: int, dim: int, ffn: int, text_len: int) -> int:
+    """Forward FLOPs of one block on one sample (``block_flops_parts``: GEMMs and attention cores)."""
+    gemms, _, cores = block_flops_parts(tokens, dim, ffn, text_len)
     return gemms + cores
 
 
@@ -201,9 +208,10 @@ class DeviceReserve:
         return self.cuda_context + self.nccl + self.fragmentation + self.vae
 
     def describe(self) -> str:
-        parts = ", ".join(f"{k.replace('_', ' ')} {getattr(self, k) / GIB:.1f}" for k in
+        unit, scale = ("GiB", GIB) if self.total >= GIB else ("MiB", 2**20)
+        parts = ", ".join(f"{k.replace('_', ' ')} {getattr(self, k) / scale:.1f}" for k in
                           ("cuda_context", "nccl", "fragmentation", "vae") if getattr(self, k))
-        return f"{self.total / GIB:.1f} GiB" + (f" ({parts} GiB)" if parts else "")
+        return f"{self.total / scale:.1f} {unit}" + (f" ({parts} {unit})" if parts else "")
 
 
 def vae_encode_bytes(vae_params: int, base_dim: int, frames: int, height: int, width: int, shards: int,

@@ -38,11 +38,12 @@ from megawan.models.dit import DiTRuntime, WanDiT
 from megawan.models.dit_config import WanDiTConfig
 from megawan.parallel_state import ParallelLayout
 from megawan.training import checkpointing
-from megawan.training.budget import (GIB, DeviceReserve, device_reserve, dit_flops, estimate_memory, suggest_layout,
-                                     vae_encode_bytes)
+from megawan.training.budget import dit_flops
+from megawan.training.preflight import (MemoryBudgetError, memory_check, memory_reserve,  # noqa: F401 (re-exported)
+                                        model_config, tokens_per_sample)
 from megawan.training.config import (TrainConfig, check_resume_changes, config_changes, describe_changes,
                                      dump_config, evaluated_weights)
-from megawan.training.data import (SOURCE_SIZE_1X, Batch, TrainingData, build_dataset, build_vae, latent_shape,
+from megawan.training.data import (Batch, TrainingData, build_dataset, build_vae, latent_shape,
                                    validation_clips)
 from megawan.training.metrics import MetricsLogger, peak_memory_gib
 from megawan.training.run_lock import RunFolderLocked, RunLock
@@ -56,10 +57,6 @@ logger = logging.getLogger("megawan.train")
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. non-finite losses in a row); the message says why."""
-
-
-class MemoryBudgetError(RuntimeError):
-    """The layout needs more memory per rank than the device (or host) has."""
 
 
 class _ReadFailed(RuntimeError):
@@ -94,20 +91,6 @@ def rollout_root(cfg: TrainConfig) -> tuple[str, str]:
                               f"or set validation.rollout_every 0")
 
 
-def model_config(cfg: TrainConfig) -> WanDiTConfig:
-    if cfg.model.init:
-        base = WanDiTConfig.load(cfg.model.init)
-    else:
-        base = WanDiTConfig.load(cfg.model.dit)
-    return dataclasses.replace(base, state_dim=cfg.model.state_dim) if cfg.model.state_dim else base
-
-
-def tokens_per_sample(dit: WanDiTConfig, shape) -> int:
-    f, h, w = shape
-    pt, ph, pw = dit.patch_size
-    return (f // pt) * (h // ph) * (w // pw)
-
-
 def device_capacity_bytes(device: torch.device) -> float:
     """Memory one rank may use: its GPU's, or the host's available memory shared by this node's ranks."""
     if device.type == "cuda":
@@ -121,53 +104,13 @@ def device_capacity_bytes(device: torch.device) -> float:
     return psutil.virtual_memory().available / max(1, local)
 
 
-def memory_reserve(cfg: TrainConfig, world: int, device: torch.device, capacity: float) -> DeviceReserve:
-    """What this rank needs beyond the model's estimate (``budget.device_reserve``): NCCL's buffers for each
-    group of more than one rank megawan communicates over, and the VAE when the data encodes on the fly."""
-    tp, cp = cfg.parallel.tp, cfg.parallel.cp
-    dp = world // (tp * cp)
-    communicators = sum(n > 1 for n in (tp, cp, dp, dp * cp, tp * cp, world))  # TP, CP, DP, DP x CP, VAE, world
-    vae = 0.0
-    if cfg.data.source == "1x":
-        from megawan.vae import WanVAE38
-        from megawan.vae.model import WanVAE38Config
-
-        # a released VAE is the "wan2.2-ti2v-5b" preset's architecture (VAE38's widths are fixed)
-        vae_cfg = WanVAE38Config.preset(cfg.data.vae if cfg.data.vae == "tiny" else "wan2.2-ti2v-5b")
-        with torch.device("meta"):
-            params = sum(p.numel() for p in WanVAE38(vae_cfg).parameters())
-        height, width = cfg.data.size or SOURCE_SIZE_1X
-        vae = vae_encode_bytes(params, vae_cfg.base_dim, cfg.data.clip_frames, height, width, tp * cp)
-    return device_reserve(device.type, capacity, communicators, vae)
-
-
 def check_memory(cfg: TrainConfig, dit: WanDiTConfig, world: int, device: torch.device) -> None:
-    """Refuse a layout whose estimated per-rank memory exceeds the rank's capacity, naming a layout that fits."""
-    tokens = tokens_per_sample(dit, latent_shape(cfg.data))
-    kw = dict(tokens=tokens, batch=cfg.data.batch_size, compute_bytes=2 if cfg.model.dtype == "bfloat16" else 4,
-              residual_bytes=2 if cfg.model.residual_dtype == "bfloat16" else 4,
-              ema=cfg.optim.ema_decay > 0, sequence_parallel=cfg.parallel.sequence_parallel,
-              cp_impl=cfg.parallel.cp_impl, ulysses_size=cfg.parallel.ulysses_size)
-    recompute = cfg.model.recompute_granularity if cfg.model.activation_checkpointing else None
-    est = estimate_memory(dit, tp=cfg.parallel.tp, cp=cfg.parallel.cp, dp=world // (cfg.parallel.tp * cfg.parallel.cp),
-                          recompute=recompute, recompute_num_blocks=cfg.model.recompute_num_blocks, **kw)
-    capacity = device_capacity_bytes(device)
-    reserve = memory_reserve(cfg, world, device, capacity)
-    if est.total + reserve.total <= capacity:
-        logger.info("memory estimate per rank: %s + reserve %s of %.1f GiB", est.describe(), reserve.describe(),
-                    capacity / GIB)
-        return
-    fit = suggest_layout(dit, world, capacity - reserve.total, **kw)
-    hint = (f"a layout that fits: --parallel.tp {fit[0]} --parallel.cp {fit[1]}"
-            + (f" --parallel.cp_impl {cfg.parallel.cp_impl}" if cfg.parallel.cp_impl != "ulysses" else "")
-            + (f" --parallel.ulysses_size {cfg.parallel.ulysses_size}" if cfg.parallel.ulysses_size else "")
-            + (f" --model.activation_checkpointing true --model.recompute_granularity {fit[2]}" if fit[2]
-               else "")) if fit else \
-        "no layout of these ranks fits: use more ranks, a smaller batch or shorter clips"
-    raise MemoryBudgetError(
-        f"tp={cfg.parallel.tp} x cp={cfg.parallel.cp} on {world} ranks needs about {est.describe()} per rank "
-        f"({tokens} tokens x batch {cfg.data.batch_size}) + a reserve of {reserve.describe()}, more than the "
-        f"{capacity / GIB:.1f} GiB this rank has ({device.type}); {hint}")
+    """Refuse a layout whose estimated per-rank memory exceeds the rank's capacity, naming a layout that fits
+    (``preflight.memory_check``: the planner's figures)."""
+    check = memory_check(cfg, dit, world, device.type, device_capacity_bytes(device))
+    if not check.fits:
+        raise MemoryBudgetError(check.refusal())
+    logger.info("%s", check.summary())
 
 
 def _eval_kind(kind: str, weights: str) -> str:

@@ -44,6 +44,25 @@ def vae_source(name: str) -> Path | None:
     return path
 
 
+def vae_config(name: str) -> WanVAE38Config:
+    """The architecture of the VAE ``name`` names, without reading its weights: a preset's, a fitted VAE's or a
+    diffusers folder's config.json; a weights file without one (the release's ``Wan2.2_VAE.pth``), or a path not
+    on this machine (a config planned elsewhere), is taken to be the release's architecture."""
+    from megawan.checkpoint.vae_io import locate_checkpoint
+    from megawan.vae.model import config_from_diffusers
+
+    if name in presets.names("vae38"):
+        return WanVAE38Config.preset(name)
+    if name in fitted_names():
+        source = FITTED_DIR / name
+    elif Path(name).exists():
+        source = Path(name)
+    else:
+        return WanVAE38Config.preset("wan2.2-ti2v-5b")
+    _, diffusers_config = locate_checkpoint(source)
+    return config_from_diffusers(diffusers_config) if diffusers_config else WanVAE38Config.preset("wan2.2-ti2v-5b")
+
+
 def load_vae(name: str, device="cpu") -> WanVAE38:
     """The VAE ``name`` names (see the module docstring), fp32, in eval mode."""
     source = vae_source(name)
