@@ -162,7 +162,8 @@ def test_rollouts_with_a_latent_cache_read_its_raw_clips_and_load_the_vae_once(d
 
     save_tiny_umt5(tmp_path / "umt5", d_model=64)
     text = UMT5TextEncoder(tmp_path / "umt5", dtype=torch.float32)
-    vae = build_vae(DataSection(vae="tiny"), torch.device("cpu"))  # the trainer's own tiny VAE
+    # the preset's VAE (data.vae: tiny_sample, a fitted VAE of the package, named, not a path)
+    vae = build_vae(DataSection(vae="tiny_sample"), torch.device("cpu"))
     for split, cache in (("train_v2.0_raw", "train_cache"), ("val_v2.0_raw", "val_cache")):
         raw = data_root.parent / split
         source = WorldModel1XDataset(WorldModel1XConfig(str(raw), clip_frames=9, window_hop=9, size=(64, 64)))

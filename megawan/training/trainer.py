@@ -50,7 +50,7 @@ from megawan.training.run_lock import RunFolderLocked, RunLock
 from megawan.training.signals import StopRequest
 from megawan.training.optim import (ShardedEMA, apply_optimizer_config, build_optimizer, finish_grad_sync,
                                     grads_are_finite, wrap_ddp)
-from megawan.vae.pretrained import record_vae
+from megawan.vae.pretrained import record_vae, vae_source
 from megawan.evaluation.pictures import write_training_curves
 
 logger = logging.getLogger("megawan.train")
@@ -330,9 +330,13 @@ class Trainer:
             except Exception as e:  # noqa: BLE001
                 raise EvaluationDataError(f"validation.rollout_every={vcfg.rollout_every}: the rollouts' clips "
                                           f"({why}: {root}) cannot be read ({type(e).__name__}: {e})") from e
-            if self.data.vae is None and data_cfg.vae != "tiny" and not Path(data_cfg.vae).exists():
-                raise EvaluationDataError(f"validation.rollout_every={vcfg.rollout_every}: the rollouts encode and "
-                                          f"decode with data.vae={data_cfg.vae}, which does not exist")
+            if self.data.vae is None:
+                try:  # a preset, a fitted VAE of the package, or a path that must exist
+                    vae_source(data_cfg.vae)
+                except FileNotFoundError as e:
+                    raise EvaluationDataError(f"validation.rollout_every={vcfg.rollout_every}: the rollouts encode "
+                                              f"and decode with data.vae={data_cfg.vae}, which does not exist "
+                                              f"({e})") from e
             logger.info("rollouts: %d clip(s) from %s (%s)", len(self._rollout_clips), root, why)
 
     def _failures(self, error: str | None) -> list[tuple[int, str]]:
