@@ -26,6 +26,8 @@ def parse_args(argv: list[str] | None = None):
                                 epilog="Any other --section.key VALUE overrides that key of the config.")
     p.add_argument("--config", default="tiny_1x", help="YAML run config or preset name (default: tiny_1x)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--debug", action="store_true", help="show the traceback of a config / start-up error "
+                                                         "(or MEGAWAN_DEBUG=1)")
     return p.parse_known_args(argv)
 
 
@@ -45,7 +47,7 @@ def _main(argv: list[str] | None, stop: StopRequest) -> dict | None:
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     from megawan import parallel_state
     from megawan.parallel_state import LayoutError
-    from megawan.parallel_state.launch import launch_env, startup_error
+    from megawan.parallel_state.launch import launch_env, user_errors
     from megawan.training.config import ConfigError, load_config
 
     args, overrides = parse_args(argv)
@@ -53,10 +55,8 @@ def _main(argv: list[str] | None, stop: StopRequest) -> dict | None:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lists every parameter of every bucket
-    try:
+    with user_errors(ConfigError, rank=rank, debug=args.debug):  # one line from rank 0, exit 3
         cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        startup_error(e, rank)
     if args.print_config:
         from megawan.training.config import dump_config
 
@@ -67,10 +67,9 @@ def _main(argv: list[str] | None, stop: StopRequest) -> dict | None:
     from megawan.training.run_lock import RunFolderLocked
     from megawan.training.trainer import MemoryBudgetError, Trainer
 
-    try:
+    with user_errors(LayoutError, MemoryBudgetError, RunFolderLocked, FileNotFoundError, ValueError, rank=rank,
+                     debug=args.debug):
         trainer = Trainer(cfg, stop)
-    except (LayoutError, MemoryBudgetError, RunFolderLocked, FileNotFoundError, ValueError) as e:
-        startup_error(e, rank)
     result = trainer.fit()
     if rank == 0 and not result["preempted"]:  # a preempted run has said so ("preempted: ...")
         out = cfg.run.out_dir

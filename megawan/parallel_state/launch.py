@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
+import sys
 
 import torch.distributed as dist
 
@@ -57,11 +59,33 @@ def start_process_group(env: dict, backend: str, timeout_s: int) -> None:
 
 
 STARTUP_ERROR_EXIT = 3  # launch/torchrun.sh keeps torchrun's child-failure report out for this status
+DEBUG_ENV = "MEGAWAN_DEBUG"  # MEGAWAN_DEBUG=1: user errors raise with their traceback (as --debug does)
+
+
+def debug_requested(flag: bool = False) -> bool:
+    """``--debug`` given, or MEGAWAN_DEBUG set to anything but empty / 0 / false / no."""
+    return flag or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
 def startup_error(error: Exception, rank: int | None = None):
-    """A configuration problem is the same on every rank: say it once (rank 0), without tracebacks, and exit."""
+    """A configuration problem is the same on every rank: say it once (rank 0, one line on stderr, no
+    traceback) and exit with STARTUP_ERROR_EXIT on every rank."""
     rank = launch_env()["rank"] if rank is None else rank
     if rank == 0:
-        print(f"FAIL: the job did not start: {type(error).__name__}: {error}", flush=True)
+        message = " ".join(str(error).split())  # one line, whatever the message holds
+        print(f"FAIL: the job did not start: {type(error).__name__}: {message}", file=sys.stderr, flush=True)
     raise SystemExit(STARTUP_ERROR_EXIT)
+
+
+@contextlib.contextmanager
+def user_errors(*kinds: type[BaseException], rank: int | None = None, debug: bool = False):
+    """The command lines' one way of reporting bad input: an exception of ``kinds`` raised inside the block
+    becomes ``startup_error`` (one line from rank 0, exit 3 on every rank) unless ``--debug`` / MEGAWAN_DEBUG
+    asks for the traceback. Wrap only the checking of arguments and inputs: a failure later, inside a model,
+    keeps its traceback."""
+    try:
+        yield
+    except kinds as e:
+        if debug_requested(debug):
+            raise
+        startup_error(e, rank)

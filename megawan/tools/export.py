@@ -25,7 +25,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from megawan.checkpoint.dit_keys import LAYOUTS  # noqa: E402
-from megawan.parallel_state.launch import launch_env, startup_error  # noqa: E402
+from megawan.parallel_state.launch import launch_env, user_errors  # noqa: E402
 from megawan.training import checkpointing  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -147,6 +147,7 @@ def main(argv=None) -> None:
                                                        "weights")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="tensor dtype written (default fp32)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks to read over (default 1)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an input error (or MEGAWAN_DEBUG=1)")
     args = p.parse_args(argv)
     rank = launch_env()["rank"]
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(name)s: %(message)s")
@@ -155,10 +156,8 @@ def main(argv=None) -> None:
     from megawan import parallel_state
     from megawan.parallel_state import LayoutError
 
-    try:
+    with user_errors(ExportError, LayoutError, FileExistsError, rank=rank, debug=args.debug):
         out = export(args.checkpoint, args.out, args.layout, ema=args.ema, dtype=args.dtype, tp=args.tp)
-    except (ExportError, LayoutError, FileExistsError) as e:
-        startup_error(e, rank)
     if rank == 0:
         print(json.dumps({"checkpoint": args.checkpoint, "out": str(out), "layout": args.layout,
                           "weights": "ema" if args.ema else "model", "dtype": args.dtype}), flush=True)
