@@ -70,7 +70,11 @@ def _main(argv: list[str] | None, stop: StopRequest) -> dict | None:
     with user_errors(LayoutError, MemoryBudgetError, RunFolderLocked, FileNotFoundError, ValueError, rank=rank,
                      debug=args.debug):
         trainer = Trainer(cfg, stop)
-    result = trainer.fit()
+    from megawan.training.checkpointing import CheckpointWriteError
+
+    # the same on every rank (the checkpoint writers agree on failure): one line, exit 3
+    with user_errors(CheckpointWriteError, rank=rank, debug=args.debug, what="the run stopped"):
+        result = trainer.fit()
     if rank == 0 and not result["preempted"]:  # a preempted run has said so ("preempted: ...")
         out = cfg.run.out_dir
         what = f"last loss {result['loss']:.4f}" if "loss" in result else "nothing to do: run.steps already reached"

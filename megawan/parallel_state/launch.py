@@ -67,18 +67,19 @@ def debug_requested(flag: bool = False) -> bool:
     return flag or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
-def startup_error(error: Exception, rank: int | None = None):
+def startup_error(error: Exception, rank: int | None = None, what: str = "the job did not start"):
     """A configuration problem is the same on every rank: say it once (rank 0, one line on stderr, no
     traceback) and exit with STARTUP_ERROR_EXIT on every rank."""
     rank = launch_env()["rank"] if rank is None else rank
     if rank == 0:
         message = " ".join(str(error).split())  # one line, whatever the message holds
-        print(f"FAIL: the job did not start: {type(error).__name__}: {message}", file=sys.stderr, flush=True)
+        print(f"FAIL: {what}: {type(error).__name__}: {message}", file=sys.stderr, flush=True)
     raise SystemExit(STARTUP_ERROR_EXIT)
 
 
 @contextlib.contextmanager
-def user_errors(*kinds: type[BaseException], rank: int | None = None, debug: bool = False):
+def user_errors(*kinds: type[BaseException], rank: int | None = None, debug: bool = False,
+                what: str = "the job did not start"):
     """The command lines' one way of reporting bad input: an exception of ``kinds`` raised inside the block
     becomes ``startup_error`` (one line from rank 0, exit 3 on every rank) unless ``--debug`` / MEGAWAN_DEBUG
     asks for the traceback. Wrap only the checking of arguments and inputs: a failure later, inside a model,
@@ -88,4 +89,4 @@ def user_errors(*kinds: type[BaseException], rank: int | None = None, debug: boo
     except kinds as e:
         if debug_requested(debug):
             raise
-        startup_error(e, rank)
+        startup_error(e, rank, what)
