@@ -6,6 +6,7 @@ import contextlib
 import datetime
 import os
 import re
+import socket
 import sys
 
 import torch.distributed as dist
@@ -27,13 +28,14 @@ def _first_slurm_host(nodelist: str) -> str:
 def launch_env() -> dict:
     """Rank, world size, local rank and rendezvous address from torchrun or SLURM (srun) variables."""
     env = os.environ
+    lone = False
     if "RANK" in env and "WORLD_SIZE" in env:
         rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
         local = int(env.get("SLURM_LOCALID", 0))
     else:
-        rank, world, local = 0, 1, 0
+        rank, world, local, lone = 0, 1, 0, True
     addr = env.get("MASTER_ADDR")
     if addr is None:
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
@@ -41,8 +43,18 @@ def launch_env() -> dict:
     port = env.get("MASTER_PORT")
     if port is None:
         job = env.get("SLURM_JOB_ID")
-        port = str(20000 + int(job) % 20000) if job else "29500"
+        # a lone process (no launcher) meets nobody: any free port, so two lone runs on a machine never
+        # collide on the default one
+        port = str(20000 + int(job) % 20000) if job else str(free_port()) if lone else "29500"
     return {"rank": rank, "world_size": world, "local_rank": local, "master_addr": addr, "master_port": port}
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS picks it). Another process could take it before the
+    rendezvous binds it, as with torchrun --standalone; the window is the few lines until then."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def start_process_group(env: dict, backend: str, timeout_s: int) -> None:
