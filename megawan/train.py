@@ -31,6 +31,26 @@ def parse_args(argv: list[str] | None = None):
     return p.parse_known_args(argv)
 
 
+def summary(result: dict, cfg) -> str:
+    """The lines a finished (or early-stopped) run ends with: where it stopped, and where everything is."""
+    out = cfg.run.out_dir
+    what = f"last loss {result['loss']:.4f}" if "loss" in result else "nothing to do: run.steps already reached"
+    if result.get("stopped_early"):
+        head = (f"stopped early: step {result['step']} of run.steps {cfg.run.steps}, because run.exit_after_steps "
+                f"{cfg.run.exit_after_steps} steps were done in this start; {what}; rerun the same command to go on")
+    else:
+        head = f"done: step {result['step']}, {what}"
+    return (f"{head}\n"
+            f"  checkpoints: {out}/checkpoints (latest {result['checkpoint']})\n"
+            f"  logs:        {out}/logs/metrics.jsonl, TensorBoard: tensorboard --logdir {out}/logs/tensorboard\n"
+            f"  config:      {out}/resolved_config.yaml\n"
+            + (f"  pictures:    {result['curves']} (loss, validation, rollout scores), {out}/rollouts/ "
+               f"(contact sheets)\n" if result.get("curves") else "")
+            + f"  sample:      python -m megawan.generate --ckpt {out} --data <a 1X split> "
+            f"(evaluate: python -m megawan.evaluate --ckpt {out} --data ...)\n"
+            f"  resume/extend: rerun the same command (add --run.steps N to train further)")
+
+
 def main(argv: list[str] | None = None, *, restore_signals: bool = True) -> dict | None:
     """``restore_signals=False`` (the command line): the handlers stay until the process exits, so a second
     Ctrl-C while it winds down (after the checkpoint of the first) still stops it in one line."""
@@ -76,17 +96,7 @@ def _main(argv: list[str] | None, stop: StopRequest) -> dict | None:
     with user_errors(CheckpointWriteError, rank=rank, debug=args.debug, what="the run stopped"):
         result = trainer.fit()
     if rank == 0 and not result["preempted"]:  # a preempted run has said so ("preempted: ...")
-        out = cfg.run.out_dir
-        what = f"last loss {result['loss']:.4f}" if "loss" in result else "nothing to do: run.steps already reached"
-        print(f"done: step {result['step']}, {what}\n"
-              f"  checkpoints: {out}/checkpoints (latest {result['checkpoint']})\n"
-              f"  logs:        {out}/logs/metrics.jsonl, TensorBoard: tensorboard --logdir {out}/logs/tensorboard\n"
-              f"  config:      {out}/resolved_config.yaml\n"
-              + (f"  pictures:    {result['curves']} (loss, validation, rollout scores), {out}/rollouts/ "
-                 f"(contact sheets)\n" if result.get("curves") else "")
-              + f"  sample:      python -m megawan.generate --ckpt {out} --data <a 1X split> "
-              f"(evaluate: python -m megawan.evaluate --ckpt {out} --data ...)\n"
-              f"  resume/extend: rerun the same command (add --run.steps N to train further)", flush=True)
+        print(summary(result, cfg), flush=True)
     parallel_state.destroy()
     return result
 
