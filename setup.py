@@ -28,8 +28,11 @@ setup(
     extras_require={
         # diffusers is the independent reference; the CPU video decoders are compared with each other
         # (torchcodec 0.13 is the last CPU build: it needs the system's ffmpeg libraries).
-        "test": ["pytest>=8", "diffusers>=0.35", "torchcodec==0.13.0", "decord==0.6.0",
+        # accelerate: diffusers' WanTransformer3DModel.from_pretrained refuses to load without it (fp32-kept
+        # modules need low_cpu_mem_usage); tests/test_export_files.py loads an export that way, as a user does
+        "test": ["pytest>=8", "diffusers>=0.35", "accelerate", "torchcodec==0.13.0", "decord==0.6.0",
                  "scikit-image>=0.22"],  # the independent PSNR / SSIM
+        "diffusers": ["diffusers>=0.35", "accelerate"],  # loading an export with diffusers' from_pretrained
         "gpu": ["transformer-engine[pytorch]", "flash-attn", "PyNvVideoCodec"],
     },
 )

@@ -18,16 +18,22 @@ fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # torchrun's default, set here so it prints no notice about it
 # megatron-core and torch print deprecation notices from every rank; keep the output readable
 export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning}
+# Output live and in order: each rank's stdout is a pipe (block-buffered by Python otherwise), and the filter
+# below must pass each line on as it comes. mawk (Debian's awk) reads a pipe in 4 KiB blocks, so progress
+# lines would arrive in bursts, after the run, unless -W interactive (line-buffered reads, unbuffered writes).
+export PYTHONUNBUFFERED=${PYTHONUNBUFFERED:-1}
+AWK=(awk)
+if awk -W version 2>/dev/null | grep -q mawk; then AWK=(awk -W interactive); fi
 
 # A megawan tool that exits with status 3 has already said why (rank 0, once: a layout rule, a missing
 # folder), and so has a trainer stopped at once by a second Ctrl-C (status 130). torchrun's own report of
 # that failure (its traceback, one entry per stopped rank) is then left out of stderr; any other failure
 # keeps it. The exit status is torchrun's either way.
 quiet_startup_failure() {
-  awk '
+  "${AWK[@]}" '
     held { buf = buf $0 "\n"; next }
     pending != "" { if ($0 ~ /bin\/torchrun"/) { held = 1; buf = pending "\n" $0 "\n"; pending = ""; next }
-                    print pending; pending = "" }
+                    print pending; fflush(); pending = "" }
     /^Traceback \(most recent call last\):$/ { pending = $0; next }
     /closing signal SIGTERM|failed \(exitcode: / { notes = notes $0 "\n"; next }
     { print; fflush() }

@@ -19,23 +19,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
-import torch
+# megatron-core announces its pure-torch fallbacks at import; expected here, and noise before a one-line error
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
-from megawan import parallel_state
-from megawan.data.world_model_1x import WorldModel1XConfig, WorldModel1XDataset
-from megawan.evaluation.rollouts import LATENT_METRICS, METRICS, STATE_CONDITIONS, evaluate_rollouts, \
-    write_rollout_sheet
-from megawan.models.dit import DiTRuntime, WanDiT
-from megawan.models.dit_config import WanDiTConfig
-from megawan.parallel_state.layout import CP_IMPLS
-from megawan.vae.model import WanVAE38
-from megawan.pipelines.release import locate, start_groups
-from megawan.pipelines.sampling import SamplingConfig
+import torch  # noqa: E402
+
+from megawan import parallel_state  # noqa: E402
+from megawan.data.world_model_1x import WorldModel1XConfig, WorldModel1XDataset  # noqa: E402
+from megawan.evaluation.rollouts import LATENT_METRICS, METRICS, STATE_CONDITIONS, check_conditions, \
+    evaluate_rollouts, write_rollout_sheet  # noqa: E402
+from megawan.models.dit import DiTRuntime, WanDiT  # noqa: E402
+from megawan.models.dit_config import WanDiTConfig  # noqa: E402
+from megawan.parallel_state.launch import user_errors  # noqa: E402
+from megawan.parallel_state.layout import CP_IMPLS  # noqa: E402
+from megawan.vae.model import WanVAE38  # noqa: E402
+from megawan.pipelines.pipeline import check_size  # noqa: E402
+from megawan.pipelines.release import locate, start_groups  # noqa: E402
+from megawan.pipelines.sampling import SamplingConfig  # noqa: E402
 from megawan.pipelines.trained import apply_run_defaults, find_trained, load_text_embedding, load_trained_dit, \
-    require_ema, saved_model_config, trained_files
+    require_ema, saved_model_config, trained_files  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -77,7 +83,7 @@ def format_table(result: dict) -> str:
     return "\n".join(rows)
 
 
-def main(argv=None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="a 1X split folder (val_v2.0_raw, or the sample data's)")
     p.add_argument("--ckpt", help="checkpoint folder (DiT, VAE beside it), or a training run folder / step_N folder")
@@ -109,8 +115,13 @@ def main(argv=None) -> dict:
     p.add_argument("--ulysses-size", type=int, help="hybrid only: the Ulysses group size (divides --cp)")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default bf16, or a training run's")
     p.add_argument("--out", default="outputs/eval.json")
-    args = p.parse_args(argv)
+    p.add_argument("--debug", action="store_true", help="show the traceback of an input error (or MEGAWAN_DEBUG=1)")
+    return p
 
+
+def _checked_inputs(args):
+    """(trained run or None, files, model config, conditions, text, clips): every input found and checked, no
+    model built. Raises ValueError / OSError naming the bad input."""
     trained = find_trained(args.ckpt) if args.ckpt and not args.dit else None
     apply_run_defaults(args, trained, {"frames": 77, "context_frames": 17, "dtype": "bf16", "steps": 50},
                        size_arg=lambda hw: hw[0] if hw[0] == hw[1] else None)
@@ -126,10 +137,25 @@ def main(argv=None) -> dict:
         config = replace(config, state_dim=args.state_dim)
     conditions = tuple(c.strip() for c in args.conditions.split(",") if c.strip()) if config.state_dim else ("true",)
     size = (args.size, args.size) if args.size else None
+    if size is not None:
+        check_size(size, config, given="--size")
+    if args.frames < 1 or (args.frames - 1) % 4:
+        raise ValueError(f"--frames must be 4n + 1 (e.g. 77; the VAE keeps 1 + 4 frames per latent), got {args.frames}")
+    k = args.context_frames
+    if k < 1 or (k - 1) % 4 or k >= args.frames:
+        raise ValueError(f"--context-frames must be 4n + 1 and fewer than --frames ({args.frames}), got {k}")
     text = load_text_embedding(args.text_embedding, config.text_dim) if args.text_embedding else None
     clips = HeldOutClips(args.data, args.num_clips, args.frames, size)
+    check_conditions(conditions, config.state_dim, len(clips))
+    return trained, files, config, conditions, text, clips
 
-    groups = start_groups(args.tp, args.cp, config.num_heads, args.cp_impl, args.ulysses_size)
+
+def main(argv=None, *, command_line: bool = False) -> dict:
+    """``command_line``: an input error is one line on stderr and exit 3 (else it raises, as for any caller)."""
+    args = build_parser().parse_args(argv)
+    with user_errors(ValueError, OSError, debug=args.debug or not command_line):  # before any model is built
+        trained, files, config, conditions, text, clips = _checked_inputs(args)
+        groups = start_groups(args.tp, args.cp, config.num_heads, args.cp_impl, args.ulysses_size)
     dev = groups.device
     runtime = DiTRuntime(linear_impl="local" if dev.type == "cpu" else "auto")
     if trained is not None:
@@ -161,4 +187,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    main(command_line=True)

@@ -20,23 +20,28 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-import torch
+# megatron-core announces its pure-torch fallbacks at import; expected here, and noise before a one-line error
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
-from megawan import parallel_state
-from megawan.data.transforms import frames_to_video
-from megawan.models.dit import DiTRuntime, WanDiT
-from megawan.models.dit_config import WanDiTConfig
-from megawan.parallel_state.layout import CP_IMPLS
-from megawan.vae.model import WanVAE38
-from megawan.pipelines.pipeline import Request, WanSampler, check_request
-from megawan.pipelines.release import locate, start_groups
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from megawan import parallel_state  # noqa: E402
+from megawan.data.transforms import frames_to_video  # noqa: E402
+from megawan.models.dit import DiTRuntime, WanDiT  # noqa: E402
+from megawan.models.dit_config import WanDiTConfig  # noqa: E402
+from megawan.parallel_state.layout import CP_IMPLS  # noqa: E402
+from megawan.vae.model import WanVAE38  # noqa: E402
+from megawan.parallel_state.launch import user_errors  # noqa: E402
+from megawan.pipelines.pipeline import Request, WanSampler, check_request, check_size  # noqa: E402
+from megawan.pipelines.release import locate, start_groups  # noqa: E402
 from megawan.pipelines.trained import apply_run_defaults, find_trained, load_text_embedding, load_trained_dit, \
     require_ema, saved_model_config, trained_files
-from megawan.pipelines.sampling import SamplingConfig
+from megawan.pipelines.sampling import SamplingConfig  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -131,12 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
                           "(any cp) or hybrid (Ulysses in groups of --ulysses-size CP ranks, ring across them)")
     run.add_argument("--ulysses-size", type=int, help="hybrid only: the Ulysses group size (divides --cp)")
     run.add_argument("--dtype", default=None, choices=list(DTYPES), help="default bf16, or a training run's dtype")
+    run.add_argument("--debug", action="store_true", help="show the traceback of an input error (or MEGAWAN_DEBUG=1)")
     return p
 
 
 def _requests(args, model_config: WanDiTConfig) -> list[Request]:
     """Every request of this run, checked against the model config (text filled in later)."""
     size = _parse_size(args.size)
+    if size is not None:
+        check_size(size, model_config, given="--size")
     image = load_image(args.image, size) if args.image else None
     context, states = None, load_states(args.states) if args.states else None
     if args.context:
@@ -163,8 +171,9 @@ def _requests(args, model_config: WanDiTConfig) -> list[Request]:
     return reqs
 
 
-def main(argv=None) -> list[dict]:
-    args = build_parser().parse_args(argv)
+def _checked_inputs(args):
+    """(trained run or None, files, model config, requests): every input of this run found and checked, no
+    model built. Raises ValueError / OSError naming the bad input."""
     trained = find_trained(args.ckpt) if args.ckpt and not args.dit else None
     apply_run_defaults(args, trained, {"frames": 121, "context_frames": 17, "dtype": "bf16", "steps": 50},
                        size_arg=lambda hw: f"{hw[0]}x{hw[1]}")
@@ -172,8 +181,6 @@ def main(argv=None) -> list[dict]:
         args.no_text = True  # a trained world model: its prompt embedding (if any) comes from the run
     if args.ema:
         require_ema(trained)
-    sampling = SamplingConfig(steps=args.steps, shift=args.shift, guidance=args.guidance, solver=args.solver,
-                              cfg=args.cfg, schedule=args.schedule)
     if trained is not None:
         files = trained_files(trained, args.vae)
         config = saved_model_config(trained.checkpoint)
@@ -183,13 +190,23 @@ def main(argv=None) -> list[dict]:
         config = WanDiTConfig.load(files.dit)
     if args.state_dim is not None:
         config = replace(config, state_dim=args.state_dim)
-    requests = _requests(args, config)  # all input errors surface here, before any model is loaded
+    requests = _requests(args, config)
     if args.text_embedding:
         prompt = load_text_embedding(args.text_embedding, config.text_dim)
         for r in requests:
             r.text = prompt
+    return trained, files, config, requests
 
-    groups = start_groups(args.tp, args.cp, config.num_heads, args.cp_impl, args.ulysses_size)
+
+def main(argv=None, *, command_line: bool = False) -> list[dict]:
+    """``command_line``: an input error is one line on stderr and exit 3 (else it raises, as for any caller)."""
+    args = build_parser().parse_args(argv)
+    # every input error surfaces here, before any model is loaded
+    with user_errors(ValueError, OSError, debug=args.debug or not command_line):
+        trained, files, config, requests = _checked_inputs(args)
+        groups = start_groups(args.tp, args.cp, config.num_heads, args.cp_impl, args.ulysses_size)
+    sampling = SamplingConfig(steps=args.steps, shift=args.shift, guidance=args.guidance, solver=args.solver,
+                              cfg=args.cfg, schedule=args.schedule)
     dev = groups.device
     mine = [r for i, r in enumerate(requests) if i % groups.dp == groups.dp_rank]
     null = None  # no text encoder: empty text on both branches, so nothing to guide
@@ -226,4 +243,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    main(command_line=True)

@@ -26,7 +26,29 @@ def parse_args(argv: list[str] | None = None):
                                 epilog="Any other --section.key VALUE overrides that key of the config.")
     p.add_argument("--config", default="tiny_1x", help="YAML run config or preset name (default: tiny_1x)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--debug", action="store_true", help="show the traceback of a config / start-up error "
+                                                         "(or MEGAWAN_DEBUG=1)")
     return p.parse_known_args(argv)
+
+
+def summary(result: dict, cfg) -> str:
+    """The lines a finished (or early-stopped) run ends with: where it stopped, and where everything is."""
+    out = cfg.run.out_dir
+    what = f"last loss {result['loss']:.4f}" if "loss" in result else "nothing to do: run.steps already reached"
+    if result.get("stopped_early"):
+        head = (f"stopped early: step {result['step']} of run.steps {cfg.run.steps}, because run.exit_after_steps "
+                f"{cfg.run.exit_after_steps} steps were done in this start; {what}; rerun the same command to go on")
+    else:
+        head = f"done: step {result['step']}, {what}"
+    return (f"{head}\n"
+            f"  checkpoints: {out}/checkpoints (latest {result['checkpoint']})\n"
+            f"  logs:        {out}/logs/metrics.jsonl, TensorBoard: tensorboard --logdir {out}/logs/tensorboard\n"
+            f"  config:      {out}/resolved_config.yaml\n"
+            + (f"  pictures:    {result['curves']} (loss, validation, rollout scores), {out}/rollouts/ "
+               f"(contact sheets)\n" if result.get("curves") else "")
+            + f"  sample:      python -m megawan.generate --ckpt {out} --data <a 1X split> "
+            f"(evaluate: python -m megawan.evaluate --ckpt {out} --data ...)\n"
+            f"  resume/extend: rerun the same command (add --run.steps N to train further)")
 
 
 def main(argv: list[str] | None = None, *, restore_signals: bool = True) -> dict | None:
@@ -45,7 +67,7 @@ def _main(argv: list[str] | None, stop: StopRequest) -> dict | None:
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     from megawan import parallel_state
     from megawan.parallel_state import LayoutError
-    from megawan.parallel_state.launch import launch_env, startup_error
+    from megawan.parallel_state.launch import launch_env, user_errors
     from megawan.training.config import ConfigError, load_config
 
     args, overrides = parse_args(argv)
@@ -53,10 +75,8 @@ def _main(argv: list[str] | None, stop: StopRequest) -> dict | None:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lists every parameter of every bucket
-    try:
+    with user_errors(ConfigError, rank=rank, debug=args.debug):  # one line from rank 0, exit 3
         cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        startup_error(e, rank)
     if args.print_config:
         from megawan.training.config import dump_config
 
@@ -67,23 +87,16 @@ def _main(argv: list[str] | None, stop: StopRequest) -> dict | None:
     from megawan.training.run_lock import RunFolderLocked
     from megawan.training.trainer import MemoryBudgetError, Trainer
 
-    try:
+    with user_errors(LayoutError, MemoryBudgetError, RunFolderLocked, FileNotFoundError, ValueError, rank=rank,
+                     debug=args.debug):
         trainer = Trainer(cfg, stop)
-    except (LayoutError, MemoryBudgetError, RunFolderLocked, FileNotFoundError, ValueError) as e:
-        startup_error(e, rank)
-    result = trainer.fit()
+    from megawan.training.checkpointing import CheckpointWriteError
+
+    # the same on every rank (the checkpoint writers agree on failure): one line, exit 3
+    with user_errors(CheckpointWriteError, rank=rank, debug=args.debug, what="the run stopped"):
+        result = trainer.fit()
     if rank == 0 and not result["preempted"]:  # a preempted run has said so ("preempted: ...")
-        out = cfg.run.out_dir
-        what = f"last loss {result['loss']:.4f}" if "loss" in result else "nothing to do: run.steps already reached"
-        print(f"done: step {result['step']}, {what}\n"
-              f"  checkpoints: {out}/checkpoints (latest {result['checkpoint']})\n"
-              f"  logs:        {out}/logs/metrics.jsonl, TensorBoard: tensorboard --logdir {out}/logs/tensorboard\n"
-              f"  config:      {out}/resolved_config.yaml\n"
-              + (f"  pictures:    {result['curves']} (loss, validation, rollout scores), {out}/rollouts/ "
-                 f"(contact sheets)\n" if result.get("curves") else "")
-              + f"  sample:      python -m megawan.generate --ckpt {out} --data <a 1X split> "
-              f"(evaluate: python -m megawan.evaluate --ckpt {out} --data ...)\n"
-              f"  resume/extend: rerun the same command (add --run.steps N to train further)", flush=True)
+        print(summary(result, cfg), flush=True)
     parallel_state.destroy()
     return result
 

@@ -2,6 +2,7 @@
 
 ``atomic_path``: a reader, or a job restarted after a crash, sees the old file (or folder) or the new
 one, never half of one. ``group_size``: the size of a process group where ``None`` means one rank.
+``save_safetensors``: safetensors' ``save_file`` with the file mode every other file gets.
 """
 
 from __future__ import annotations
@@ -44,3 +45,18 @@ def _remove(p: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
     else:
         p.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
+    """``safetensors.torch.save_file``, then the mode the umask gives a new file (0644 under umask 022):
+    save_file writes 0600, which other users of a shared checkpoint (or a copy taken elsewhere) cannot read."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())

@@ -151,7 +151,7 @@ def test_cli_reports_a_bad_checkpoint_in_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "megawan.tools.export", str(tmp_path), str(tmp_path / "o")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 3
-    assert "is not a megawan checkpoint folder" in r.stdout and "Traceback" not in r.stdout + r.stderr
+    assert "is not a megawan checkpoint folder" in r.stderr and "Traceback" not in r.stdout + r.stderr
 
 
 @pytest.fixture(scope="module")

@@ -54,6 +54,6 @@ def test_a_layout_error_is_said_once_without_a_traceback(tmp_path, capsys, monke
         forward_demo.main(["--data", str(tmp_path), "--tp", "3"])  # 1 rank cannot hold TP3
     assert exit_.value.code == STARTUP_ERROR_EXIT
     out, err = capsys.readouterr()
-    assert "Traceback" not in err and out.count("LayoutError") == 1
-    last = out.strip().splitlines()[-1]
+    assert "Traceback" not in err and err.count("LayoutError") == 1
+    last = err.strip().splitlines()[-1]
     assert last.startswith("FAIL: the job did not start: LayoutError: world size 1") and "(rule: " in last

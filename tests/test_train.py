@@ -207,7 +207,7 @@ def test_a_bad_layout_is_refused_before_any_compute(capsys):
     with pytest.raises(SystemExit) as e:
         train.main(["--config", "tiny_1x", "--parallel.tp", "3"])
     assert e.value.code == 3
-    assert "world size 1 is not divisible by tp=3 x cp=2" in capsys.readouterr().out
+    assert "world size 1 is not divisible by tp=3 x cp=2" in capsys.readouterr().err
 
 
 def test_the_5b_on_a_24_gib_host_is_refused_naming_the_figures(monkeypatch):

@@ -271,7 +271,7 @@ def test_a_second_run_in_the_same_folder_is_refused_at_once_naming_the_first(dat
     assert lock.exists()  # still the holder's
     lock.unlink()
     assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
-    line = proc.stdout.strip()
+    line = proc.stderr.strip()
     assert line.startswith(f"FAIL: the job did not start: RunFolderLocked: run folder {out} is in use by another "
                            f"run (host {socket.gethostname()}, pid {os.getpid()}, started ")
     assert "\n" not in line and "Traceback" not in proc.stderr

@@ -14,9 +14,8 @@ from typing import Iterable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from megawan.utils import atomic_path
+from megawan.utils import atomic_path, save_safetensors
 
 
 class CheckpointError(ValueError):
@@ -100,7 +99,7 @@ def write_safetensors_dir(tensors: Iterable[tuple[str, torch.Tensor]], path, *, 
         size = 0
 
         def flush():
-            save_file(current, str(tmp / f"shard-{len(shard_keys)}.tmp"), metadata={"format": "pt"})
+            save_safetensors(current, tmp / f"shard-{len(shard_keys)}.tmp", metadata={"format": "pt"})
             shard_keys.append(list(current))
 
         for key, t in tensors:  # memory holds at most one shard

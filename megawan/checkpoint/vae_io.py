@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from megawan.utils import atomic_path
+from megawan.utils import atomic_path, save_safetensors
 
 OFFICIAL_FILE = "Wan2.2_VAE.pth"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -52,7 +52,7 @@ def write_official(path: Path, state: dict) -> Path:
 def write_diffusers(folder: Path, state: dict, config: dict) -> Path:
     """Weights, then config.json, each written atomically (the folder may hold other files)."""
     with atomic_path(folder / DIFFUSERS_WEIGHTS) as tmp:
-        save_file(state, str(tmp))
+        save_safetensors(state, tmp)
     with atomic_path(folder / "config.json") as tmp:
         tmp.write_text(json.dumps(config, indent=2) + "\n")
     return folder

@@ -113,6 +113,18 @@ def _swap_partner(i: int, n: int) -> int:
     return (i + max(1, n // 2)) % n
 
 
+def check_conditions(conditions: tuple[str, ...], state_dim: int, num_clips: int) -> None:
+    """The states conditions ``evaluate_rollouts`` can roll out for this model and number of clips."""
+    if not conditions or conditions[0] != "true" or len(set(conditions)) != len(conditions) or \
+            any(c not in STATE_CONDITIONS for c in conditions):
+        raise ValueError(f"conditions must start with 'true' and name each of {STATE_CONDITIONS} at most once, "
+                         f"got {conditions}")
+    if len(conditions) > 1 and not state_dim:
+        raise ValueError(f"state conditions {conditions[1:]} need a state-conditioned model (config state_dim > 0)")
+    if "swapped" in conditions and num_clips < 2:
+        raise ValueError("the 'swapped' condition needs at least two clips (it gives each the states of another)")
+
+
 def evaluate_rollouts(model, vae, clips, groups, *, text: torch.Tensor | None = None,
                       config: SamplingConfig = ROLLOUT_SAMPLING, context_frames: int = WORLD_MODEL_CONTEXT,
                       seed: int = 0, null_text: torch.Tensor | None = None, progress: bool = False,
@@ -140,15 +152,8 @@ def evaluate_rollouts(model, vae, clips, groups, *, text: torch.Tensor | None = 
         each other condition; columns: the last context frame and predicted frames), or None if no clip.
     """
     conditions = tuple(conditions)
-    if not conditions or conditions[0] != "true" or len(set(conditions)) != len(conditions) or \
-            any(c not in STATE_CONDITIONS for c in conditions):
-        raise ValueError(f"conditions must start with 'true' and name each of {STATE_CONDITIONS} at most once, "
-                         f"got {conditions}")
     cfg = model.config
-    if len(conditions) > 1 and not cfg.state_dim:
-        raise ValueError(f"state conditions {conditions[1:]} need a state-conditioned model (config state_dim > 0)")
-    if "swapped" in conditions and len(clips) < 2:
-        raise ValueError("the 'swapped' condition needs at least two clips (it gives each the states of another)")
+    check_conditions(conditions, cfg.state_dim, len(clips))
     was_training = model.training
     sampler = WanSampler(model, vae, groups, config)
     text = torch.zeros(0, cfg.text_dim) if text is None else text

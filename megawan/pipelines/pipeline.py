@@ -53,11 +53,24 @@ def pixel_multiple(model_config) -> int:
     return SPATIAL_FACTOR * ph
 
 
+def _size_rule(m: int) -> str:
+    return (f"height and width must be multiples of {m} pixels (VAE 16 x patch {m // SPATIAL_FACTOR}), e.g. "
+            f"704x1280 or 1280x704 (the release's), 512x512 (1X)")
+
+
+def check_size(size: tuple[int, int], model_config, given: str = "size") -> None:
+    """A size asked for (``given`` names where it came from, e.g. ``--size``) that the model can sample."""
+    m = pixel_multiple(model_config)
+    h, w = size
+    if h <= 0 or w <= 0 or h % m or w % m:
+        near = "x".join(str(max(m, round(v / m) * m)) for v in (h, w))
+        raise ValueError(f"{given} {h}x{w}: {_size_rule(m)}; the nearest is {near}")
+
+
 def check_request(req: Request, model_config) -> tuple[int, int]:
     """Validate a request against the model before any work; returns (height, width)."""
     m = pixel_multiple(model_config)
-    sizes = (f"height and width must be multiples of {m} pixels (VAE 16 x patch {m // SPATIAL_FACTOR}), e.g. "
-             f"704x1280 or 1280x704 (the release's), 512x512 (1X); resize or crop the input first")
+    sizes = f"{_size_rule(m)}; resize or crop the input first"
     if req.frames < 1 or (req.frames - 1) % TEMPORAL_FACTOR:
         raise ValueError(f"frames must be 4n + 1 (e.g. 77, 121), got {req.frames}")
     if req.image is not None and req.context is not None:

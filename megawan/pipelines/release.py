@@ -38,6 +38,14 @@ def _dit_folder(root: Path) -> Path:
     for cand in (root, root / "transformer"):
         if (cand / "config.json").is_file() and any(cand.glob("*.safetensors")):
             return cand
+    if not root.exists():
+        raise FileNotFoundError(f"DiT folder {root} does not exist")
+    from megawan.training import checkpointing
+
+    if (root / checkpointing.MARKER).exists() or (root / "checkpoints").is_dir():
+        raise FileNotFoundError(f"{root} is a training checkpoint / run folder, not a DiT folder: pass it as --ckpt "
+                                f"(generate and evaluate read training checkpoints), or export it first with "
+                                f"python -m megawan.tools.export")
     raise FileNotFoundError(
         f"no DiT checkpoint in {root}: expected config.json and *.safetensors there (official layout or a "
         f"trained megawan checkpoint) or in {root / 'transformer'} (diffusers layout)")

@@ -1,6 +1,6 @@
 """Export a training checkpoint to the released Wan layout (official or diffusers safetensors + config.json).
 
-    python -m megawan.tools.export runs/wm/checkpoints/step_00020000 out/wm --layout diffusers [--ema] [--dtype bf16]
+    python -m megawan.tools.export runs/wm/checkpoints/step_00020000 outputs/wm_export --layout diffusers [--ema]
     torchrun --nproc-per-node 4 -m megawan.tools.export CKPT OUT --tp 4   # each rank holds 1/4 of the blocks
 
 The weights written are the distributed optimizer's fp32 master weights (``optimizer.state.param.model.*``):
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import warnings
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from megawan.checkpoint.dit_keys import LAYOUTS  # noqa: E402
-from megawan.parallel_state.launch import launch_env, startup_error  # noqa: E402
+from megawan.parallel_state.launch import launch_env, user_errors  # noqa: E402
 from megawan.training import checkpointing  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -113,6 +114,21 @@ def load_model(path, groups, *, ema: bool = False):
     return model.eval()
 
 
+def export_notes(config, layout: str) -> list[str]:
+    """What a user loading the export elsewhere must know (printed by the CLI beside the folder it names)."""
+    notes = []
+    if layout == "diffusers":
+        notes.append("diffusers: WanTransformer3DModel.from_pretrained(OUT) needs the accelerate package besides "
+                     "diffusers (pip install accelerate; megawan's [diffusers] extra), as for the released Wan 2.2 "
+                     "checkpoints")
+    if config.state_dim:
+        notes.append(f"this is a world model (state_dim {config.state_dim}): diffusers' WanTransformer3DModel and the "
+                     f"official Wan code have no robot-state input and drop its state-embedding weights (diffusers "
+                     f"lists them as unused); only megawan (WanDiT.from_pretrained, python -m megawan.generate "
+                     f"--ckpt OUT) conditions on states")
+    return notes
+
+
 def export(ckpt, out, layout: str = "official", *, ema: bool = False, dtype: str = "fp32", tp: int = 1) -> Path:
     """Collective over all ranks of the job (one process is a job of one): write ``ckpt`` to ``out``."""
     from megawan import parallel_state
@@ -147,6 +163,7 @@ def main(argv=None) -> None:
                                                        "weights")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="tensor dtype written (default fp32)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks to read over (default 1)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an input error (or MEGAWAN_DEBUG=1)")
     args = p.parse_args(argv)
     rank = launch_env()["rank"]
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(name)s: %(message)s")
@@ -155,13 +172,13 @@ def main(argv=None) -> None:
     from megawan import parallel_state
     from megawan.parallel_state import LayoutError
 
-    try:
+    with user_errors(ExportError, LayoutError, FileExistsError, rank=rank, debug=args.debug):
         out = export(args.checkpoint, args.out, args.layout, ema=args.ema, dtype=args.dtype, tp=args.tp)
-    except (ExportError, LayoutError, FileExistsError) as e:
-        startup_error(e, rank)
     if rank == 0:
         print(json.dumps({"checkpoint": args.checkpoint, "out": str(out), "layout": args.layout,
                           "weights": "ema" if args.ema else "model", "dtype": args.dtype}), flush=True)
+        for note in export_notes(saved_model_config(args.checkpoint), args.layout):
+            print(f"note: {note}", file=sys.stderr, flush=True)
     parallel_state.destroy()
 
 

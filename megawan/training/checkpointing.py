@@ -28,6 +28,7 @@ their views of a shared file system differ.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -159,6 +160,46 @@ def has_ema(path) -> bool:
     return any(k.startswith("ema.") for k in dist_checkpointing.load_tensors_metadata(str(path)))
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written for lack of space; the message names it and the last good one."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+_SHORT_WRITE = "unexpected pos"  # torch's zip writer on a short write (the disk filled mid-file): no errno
+
+
+def _free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def _mount_point(path: Path) -> Path:
+    path = path.resolve()
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _disk_full(error: BaseException, root: Path) -> bool:
+    """Whether a failed write ran out of space: ENOSPC anywhere in the exception chain (or in the text of a
+    writer process's error, which torch's CheckpointException carries only as text), or the short-write
+    error of torch's zip writer while less space is left than the last complete checkpoint took (64 MiB
+    when there is none)."""
+    chain, e = [], error
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    if any(isinstance(e, OSError) and e.errno == errno.ENOSPC or os.strerror(errno.ENOSPC) in str(e)
+           for e in chain):
+        return True
+    if any(_SHORT_WRITE in str(e) for e in chain):
+        good = complete_checkpoints(root)
+        need = sum(f.stat().st_size for f in good[-1].rglob("*") if f.is_file()) if good else 64 * 2**20
+        return _free_bytes(root) < need
+    return False
+
+
 def save_checkpoint(root, step: int, model, optimizer, groups, *, ema=None, common: dict, keep: int) -> Path:
     """Collective: write step ``step`` atomically and durably, then drop all but the newest ``keep``."""
     root = Path(root)
@@ -171,9 +212,20 @@ def save_checkpoint(root, step: int, model, optimizer, groups, *, ema=None, comm
         tmp.mkdir(parents=True)
     dist.barrier()
     sd = build_sharded_state_dict(model, optimizer, groups, ema=ema, common=common)
-    with stop_signals_kept_from_children():  # its writer processes must not die of a Ctrl-C to the group
-        dist_checkpointing.save(sd, str(tmp))
-    _fsync_own_files(tmp, rank)
+    try:
+        with stop_signals_kept_from_children():  # its writer processes must not die of a Ctrl-C to the group
+            dist_checkpointing.save(sd, str(tmp))
+        _fsync_own_files(tmp, rank)
+    except Exception as e:
+        if not _disk_full(e, root):
+            raise
+        if rank == 0:  # free what the partial write took; the newest complete checkpoint is untouched
+            shutil.rmtree(tmp, ignore_errors=True)
+        good = complete_checkpoints(root)
+        raise CheckpointWriteError(
+            errno.ENOSPC, f"no space left on device while writing {final}; the last good checkpoint is "
+            f"{good[-1] if good else 'none (no checkpoint of this run is complete)'} (the partial write was removed; "
+            f"{_free_bytes(root) / 2**30:.2f} GiB free on {_mount_point(root)})") from e
     dist.barrier()  # every rank's files are on disk: only now may the marker say the checkpoint is complete
     if rank == 0:
         _write_marker(tmp, {"step": step, "layout": {"tp": groups.tp, "cp": groups.cp, "dp": groups.dp},

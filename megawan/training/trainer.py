@@ -596,7 +596,7 @@ class Trainer:
                         f"the {' and '.join('EMA' if w == 'ema' else 'trained' for w in evaluated_weights(cfg))} "
                         f"weights")
         batches = self.data.batches()
-        preempted = False
+        preempted = stopped_early = False
         last: dict = {}
         first_step = self.step
         path, saved_at = resumed, None
@@ -606,6 +606,7 @@ class Trainer:
                     preempted = True
                     break
                 if cfg.run.exit_after_steps and self.step - first_step >= cfg.run.exit_after_steps:
+                    stopped_early = True  # before run.steps: the caller says so (megawan/train.py)
                     break
                 t0 = time.perf_counter()
                 micro = [next(batches) for _ in range(cfg.optim.grad_accumulation)]
@@ -644,4 +645,4 @@ class Trainer:
             print(f"preempted: {what}; rerun the same command to resume (stop requested by {self.stop.signal_name})",
                   flush=True)
         return {"step": self.step, "checkpoint": str(path) if path else None, "preempted": preempted,
-                "curves": curves, **last}
+                "stopped_early": stopped_early, "curves": curves, **last}

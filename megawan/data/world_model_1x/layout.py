@@ -54,6 +54,8 @@ def _find(split_dir: Path, kind: str, index: int) -> Path:
 def discover_shards(split_dir) -> tuple[list[Shard1X], float]:
     """The shards of one split (nested or flat layout) and the frame rate from ``metadata.json``."""
     split_dir = Path(split_dir)
+    if not split_dir.is_dir():
+        raise FileNotFoundError(f"1X data folder {split_dir} does not exist (a split folder such as val_v2.0_raw)")
     videos = sorted(set(split_dir.glob("video_*.mp4")) | set(split_dir.glob("videos/video_*.mp4")))
     if not videos:
         raise FileNotFoundError(f"no video_*.mp4 under {split_dir} or {split_dir / 'videos'}")
