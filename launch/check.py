@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +52,9 @@ def main(argv: list[str]) -> str:
     except ValueError:
         fail(f"--world must be an integer, got {argv[1]!r}")
     if argv[2] == "train":
+        # the launchers print this script's output as the layout line: megatron-core's notice of its
+        # pure-torch fallbacks (imported with the config's sections) must not end up inside it
+        warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
         from megawan.training.config import ConfigError, load_config
 
         try:
