@@ -35,7 +35,7 @@ PHASES = ("data", "forward", "backward", "grad sync", "optimizer")
 def _rank(layout, overrides, warmup, steps):
     import torch.distributed as dist
 
-    from megawan.train import load_config
+    from megawan.training.config import load_config
     from megawan.training.optim import finish_grad_sync
     from megawan.training.trainer import Trainer
 

@@ -26,7 +26,7 @@ def loaded_back(argv, case, official_export):
     weights, the EMA tensors themselves, and the velocity of the official-layout export read back."""
     from megawan.models.dit import WanDiT
     from megawan.models.dit_config import DiTRuntime
-    from megawan.train import load_config
+    from megawan.training.config import load_config
     from megawan.training.trainer import Trainer
 
     trainer = Trainer(load_config("tiny_1x", argv))  # builds megatron DDP: not under no_grad
