@@ -100,9 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, help="square frame size (default: a training run's, else the data's: "
                                             "512 for 1X)")
     p.add_argument("--steps", type=int, default=None, help="default 50, or a training run's rollout steps")
-    p.add_argument("--conditions", default="true,zeroed,swapped",
+    p.add_argument("--conditions", default=None,
                    help=f"states to roll out with, comma-separated, 'true' first: {','.join(STATE_CONDITIONS)} "
-                        f"(state-conditioned models; others get 'true' only)")
+                        f"(default true,zeroed,swapped; true,zeroed with one clip: 'swapped' needs two; "
+                        f"state-conditioned models only, others get 'true')")
     p.add_argument("--shift-frames", type=int, default=1, help="delay of the 'shifted' states, in frames")
     p.add_argument("--shift", type=float, default=5.0)
     p.add_argument("--solver", default="unipc", choices=["unipc", "euler"])
@@ -135,7 +136,7 @@ def _checked_inputs(args):
         config = WanDiTConfig.load(files.dit)
     if args.state_dim is not None:
         config = replace(config, state_dim=args.state_dim)
-    conditions = tuple(c.strip() for c in args.conditions.split(",") if c.strip()) if config.state_dim else ("true",)
+    conditions = tuple(c.strip() for c in args.conditions.split(",") if c.strip()) if args.conditions else None
     size = (args.size, args.size) if args.size else None
     if size is not None:
         check_size(size, config, given="--size")
@@ -146,6 +147,10 @@ def _checked_inputs(args):
         raise ValueError(f"--context-frames must be 4n + 1 and fewer than --frames ({args.frames}), got {k}")
     text = load_text_embedding(args.text_embedding, config.text_dim) if args.text_embedding else None
     clips = HeldOutClips(args.data, args.num_clips, args.frames, size)
+    if not config.state_dim:
+        conditions = ("true",)
+    elif conditions is None:  # the default: every condition the clips allow
+        conditions = ("true", "zeroed", "swapped") if len(clips) > 1 else ("true", "zeroed")
     check_conditions(conditions, config.state_dim, len(clips))
     return trained, files, config, conditions, text, clips
 
