@@ -61,7 +61,8 @@ def data_root(tmp_path_factory):
 def train_args(data_root, out_dir) -> list[str]:
     return ["--config", "tiny_1x", "--parallel.tp", "2", "--parallel.cp", "1", "--data.root", str(data_root),
             "--run.out_dir", str(out_dir), "--run.steps", str(STEPS), "--checkpoint.every", "0",
-            "--validation.every", "0", "--logging.every", "1", "--logging.progress_every_s", "5"]
+            "--validation.every", "0", "--validation.rollout_every", "0", "--data.batch_size", "2",
+            "--logging.every", "1", "--logging.progress_every_s", "5"]
 
 
 def submit(slurm, script: str, sbatch_args: list[str], args: list[str], logs: list[Path]) -> tuple[int, Path]:
