@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch.distributed as dist
@@ -23,19 +24,30 @@ def _reason(trainer) -> str | None:
 
 
 def train_and_tell(overrides: dict) -> dict:
-    """Train (or resume); every rank reports the step it resumed at, and rank 0 the chosen reason."""
-    trainer = Trainer(load_config("tiny_1x", overrides))
-    original = trainer.resume
-    seen = {}
+    """Train (or resume); every rank reports the step it resumed at and what the trainer logged (the resume
+    choice and its reason come first), rank 0 the chosen reason."""
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    log = logging.getLogger("megawan.train")
+    log.addHandler(handler)
+    level, _ = log.level, log.setLevel(logging.INFO)  # as the command line's rank 0 logs
+    try:
+        trainer = Trainer(load_config("tiny_1x", overrides))
+        original = trainer.resume
+        seen = {}
 
-    def resume():
-        path = original()
-        seen["resumed_step"], seen["resumed_from"] = trainer.step, str(path) if path else None
-        return path
+        def resume():
+            path = original()
+            seen["resumed_step"], seen["resumed_from"] = trainer.step, str(path) if path else None
+            return path
 
-    trainer.resume = resume
-    result = trainer.fit()
-    out = {"result": result, "reason": _reason(trainer), **seen}
+        trainer.resume = resume
+        result = trainer.fit()
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    out = {"result": result, "reason": _reason(trainer), "log": lines, **seen}
     if dist.get_rank() == 0:
         out["losses"] = _train_records(overrides["run"]["out_dir"])
         out["steps"] = _train_records(overrides["run"]["out_dir"], "step")

@@ -194,7 +194,7 @@ def test_nan_batches_are_skipped_counted_then_stop_the_run(data_root, tmp_path):
     (["--objective.sigma_sampler", "cosine"], "objective: sigma_sampler must be one of"),
     (["--parallel.tp"], "override --parallel.tp has no value"),
     (["--tp", "2"], "use --section.key"),
-    (["--optim.warmup_steps", "40"], "optim.warmup_steps=40 must be < run.steps=40"),
+    (["--run.steps", "40", "--optim.warmup_steps", "40"], "optim.warmup_steps=40 must be < run.steps=40"),
 ])
 def test_a_bad_config_is_refused_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -70,6 +70,7 @@ def test_checkpoint_load_is_only_the_starting_point_of_an_empty_run_folder(data_
     assert second["resumed_from"] == str(tmp_path / "b" / "checkpoints" / "step_00000004")
     assert second["reason"].startswith("the newest complete checkpoint of this run folder; checkpoint.load=")
     assert "is only for a run folder without one, so it is not used" in second["reason"]
+    assert f"resume: {second['resumed_from']} ({second['reason']})" in second["log"]  # said in the log
     third = run_distributed(rw.train_and_tell, 1, same_command)[0]
     assert third["result"]["step"] == 6 and third["resumed_step"] == 6  # finished: nothing to redo
 
@@ -98,13 +99,13 @@ def test_an_unreadable_newest_checkpoint_falls_back_to_the_previous_one(data_roo
     straight = run_distributed(w.train, 2, over, False)[0]
     ckpts = tmp_path / "run" / "checkpoints"
     (ckpts / "step_00000004" / "__1_0.distcp").unlink()
-    over["run"]["steps"] = 6
+    # the same command again (run.steps unchanged: a longer run would decay the learning rate differently)
     r = run_distributed(rw.train_and_tell, 2, over)[0]
-    assert r["resumed_from"] == str(ckpts / "step_00000002") and r["result"]["step"] == 6
+    assert r["resumed_from"] == str(ckpts / "step_00000002") and r["result"]["step"] == 4
     assert "step_00000004 is unreadable" in r["reason"]
     assert (ckpts / ".unreadable-step_00000004" / "megawan_checkpoint.json").is_file()
-    assert r["steps"] == [1, 2, 3, 4, 5, 6]
-    assert r["losses"][2:4] == straight["losses"][2:4]  # steps 3-4 redone from step 2's state: the same
+    assert r["steps"] == [1, 2, 3, 4]
+    assert r["losses"] == straight["losses"]  # steps 3-4 redone from step 2's state: the same
 
 
 def test_an_index_that_names_a_file_cut_short_is_unreadable(data_root, tmp_path):
