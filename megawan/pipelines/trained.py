@@ -97,12 +97,12 @@ def load_trained_dit(trained: TrainedCheckpoint, groups, *, dtype: torch.dtype =
 
 def require_ema(trained: TrainedCheckpoint | None) -> None:
     """Refuse ``--ema`` early (before any process group or model) when there is no EMA to read."""
-    from megawan.tools.export import ExportError, check_has_ema
+    from megawan.tools.export import EMA_PREFIX, ExportError, check_has
 
     if trained is None:
         raise ValueError("--ema reads a training checkpoint's EMA: --ckpt must be a run folder or a step_N folder")
     try:
-        check_has_ema(trained.checkpoint)
+        check_has(trained.checkpoint, EMA_PREFIX)
     except ExportError:
         raise ValueError(f"--ema: checkpoint {trained.checkpoint} holds no EMA (trained with optim.ema_decay 0): "
                          f"run without --ema") from None

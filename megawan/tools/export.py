@@ -71,6 +71,7 @@ EMA_PREFIX = "ema."
 
 
 def check_has(path, prefix: str) -> None:
+    """Refuse a checkpoint without the tensors under ``prefix`` (the master weights, or the EMA)."""
     from megatron.core import dist_checkpointing
 
     if not any(k.startswith(prefix) for k in dist_checkpointing.load_tensors_metadata(str(path))):
@@ -79,7 +80,6 @@ def check_has(path, prefix: str) -> None:
                               f"without --ema")
         raise ExportError(f"checkpoint {path} holds no optimizer master weights ({prefix}*): not a checkpoint "
                           f"written by python -m megawan.train")
-
 
 
 def saved_model_config(path):
