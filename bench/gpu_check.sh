@@ -93,7 +93,7 @@ if [ "$DRY" = 1 ]; then
   tstep quick_fp8 60 python bench/bench_dit_fp8_gpu.py $SMOKE --text-dim 32 --tokens 16 24 --no-model --json "$OUT/fp8.json"
 else
   XDIST=$(python -c "import xdist" 2>/dev/null && echo "-n 4" || true)
-  tstep quick_tests 140 env OMP_NUM_THREADS=2 python -m pytest $QUICK_TESTS -q -rs $XDIST -k "$QUICK_K"
+  tstep quick_tests 120 env OMP_NUM_THREADS=2 python -m pytest $QUICK_TESTS -q -rs $XDIST -k "$QUICK_K"
   tstep quick_block 110 python bench/bench_dit_block_gpu.py --tokens 5120 27280 --modes compiled --warmup 2 --iters 5 --json "$OUT/block.json"
   tstep quick_train 150 python bench/bench_train_gpu.py --cases 5120 --repeats 2 --compile --json "$OUT/train.json"
   tstep quick_fp8 60 python bench/bench_dit_fp8_gpu.py --tokens 5120 27280 --no-model --warmup 2 --iters 5 --json "$OUT/fp8.json"
