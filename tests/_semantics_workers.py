@@ -103,8 +103,9 @@ def ema_trajectory(overrides: dict, steps: int) -> dict:
 
 
 def evaluate_with_ema(overrides: dict, steps: int) -> dict:
-    """Train ``steps`` steps, then validate with the trained and the EMA weights; the weights before and after
-    the EMA swap (bit for bit the same) and the validation loss of a model that holds the EMA by hand."""
+    """Train ``steps`` steps, then validate and roll out with the trained and the EMA weights; the weights
+    before and after the EMA swaps (bit for bit the same) and the validation loss and rollouts of a model that
+    holds the EMA by hand."""
     trainer = Trainer(load_config("tiny_1x", overrides))
     batches = trainer.data.batches()
     for _ in range(steps):
@@ -114,6 +115,7 @@ def evaluate_with_ema(overrides: dict, steps: int) -> dict:
     master_before = full_master(trainer)
     raw, ema = trainer.validate("raw"), trainer.validate("ema")
     again = trainer.validate("raw")
+    rollout_raw, rollout_ema = trainer.rollouts("raw"), trainer.rollouts("ema")
     unchanged = all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
     master_unchanged = all(torch.equal(master_before[n], t) for n, t in full_master(trainer).items())
     # by hand: put the gathered EMA into this rank's parameters (its TP slice) and validate
@@ -121,8 +123,9 @@ def evaluate_with_ema(overrides: dict, steps: int) -> dict:
     with torch.no_grad():
         for n, p in trainer.model.named_parameters():
             p.copy_(ema_full[n])
-    by_hand = trainer.validate("raw")
+    by_hand, rollout_by_hand = trainer.validate("raw"), trainer.rollouts("raw")
     out = {"rank": dist.get_rank(), "raw": raw, "ema": ema, "raw_again": again, "by_hand": by_hand,
+           "rollout_raw": rollout_raw, "rollout_ema": rollout_ema, "rollout_by_hand": rollout_by_hand,
            "weights_unchanged": unchanged, "master_unchanged": master_unchanged}
     parallel_state.destroy()
     return out

@@ -115,14 +115,18 @@ def test_the_ema_checkpoint_reshards_and_the_resumed_average_goes_on(data_root, 
         assert max(_rel(r["ema"][n], r["master"][n]) for n in r["ema"]) > 10 * WEIGHT_TOL  # an average
 
 
-def test_validation_scores_the_ema_weights_and_puts_the_trained_ones_back(data_root, tmp_path):
-    """validate("ema") equals validating a model that holds the gathered EMA; afterwards the weights and the
-    master weights are bit for bit what they were, on every rank of DP2."""
+def test_validation_and_rollouts_score_the_ema_weights_and_put_the_trained_ones_back(data_root, tmp_path):
+    """validate("ema") and rollouts("ema") equal validating / rolling out a model that holds the gathered EMA;
+    afterwards the weights and the master weights are bit for bit what they were, on every rank of DP2."""
     reports = run_distributed(sw.evaluate_with_ema, 2, _tiny(data_root, tmp_path / "run", **{
-        "validation.num_clips": 2}), 2, timeout_s=900)
+        "validation.num_clips": 2, "validation.rollout_clips": 1, "validation.rollout_steps": 2}), 2,
+        timeout_s=900)
     for r in reports:
         assert r["weights_unchanged"] and r["master_unchanged"]
         assert r["raw_again"] == r["raw"]
         assert r["ema"]["loss"] == pytest.approx(r["by_hand"]["loss"], rel=1e-6)
         assert abs(r["ema"]["loss"] - r["raw"]["loss"]) > 1e-4 * r["raw"]["loss"]
         assert r["ema"] == reports[0]["ema"]
+        for key in ("latent_mse_mean", "psnr_last"):
+            assert r["rollout_ema"][key] == pytest.approx(r["rollout_by_hand"][key], rel=1e-5), key
+        assert r["rollout_ema"]["latent_mse_mean"] != r["rollout_raw"]["latent_mse_mean"]
