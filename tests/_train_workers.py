@@ -27,6 +27,17 @@ def write_prompt(path, text_dim: int = 64, length: int = 7, seed: int = 0) -> st
     return str(path)
 
 
+def rel(a, b) -> float:
+    """|a - b| / |b| (norms), the training comparisons' measure."""
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def max_param_err(a: dict, b: dict) -> float:
+    """The largest ``rel`` over the tensors of two weight dicts with the same keys."""
+    assert set(a) == set(b)
+    return max(rel(a[k], b[k]) for k in a)
+
+
 def tiny_overrides(data_root, out_dir, **extra) -> dict:
     """The tiny_1x preset made small and fast: 9-frame clips at 64 x 64 (3 latent frames of 4 tokens)."""
     tree = {"run": {"out_dir": str(out_dir), "steps": 4},

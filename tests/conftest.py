@@ -21,3 +21,17 @@ def device() -> torch.device:
     from megawan import parallel_state
 
     return parallel_state.get_groups().device
+
+
+@pytest.fixture(scope="session")
+def sample_1x(tmp_path_factory):
+    """The default sample data (training and held-out 1X splits) with a prompt embedding beside it
+    (``tests._train_workers.tiny_overrides`` points ``data.empty_prompt`` there): made once per session and
+    only read by the training tests."""
+    from megawan.tools.make_sample_data import make_sample_data
+    from tests import _train_workers as w
+
+    root = tmp_path_factory.mktemp("sample_1x")
+    make_sample_data(root)
+    w.write_prompt(root / "prompt.safetensors")
+    return root

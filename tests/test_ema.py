@@ -17,10 +17,10 @@ import torch
 
 from megawan.models.dit_config import WanDiTConfig
 from megawan.testing import run_distributed
-from megawan.tools.make_sample_data import make_sample_data
 from megawan.training.budget import dit_param_counts, estimate_memory
 from tests import _semantics_workers as sw
 from tests import _train_workers as w
+from tests._train_workers import rel
 
 DECAY = 0.7
 EMA_TOL = 1e-6
@@ -28,21 +28,14 @@ WEIGHT_TOL = 1e-3  # after Adam steps in another layout (tests/test_train.py)
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sample_1x")
-    make_sample_data(root)
-    w.write_prompt(root / "prompt.safetensors")
-    return root / "train_v2.0_raw"
+def data_root(sample_1x):
+    return sample_1x / "train_v2.0_raw"
 
 
 def _tiny(data_root, out, **extra) -> dict:
     base = {"parallel.tp": 1, "parallel.cp": 1, "validation.rollout_every": 0, "model.dtype": "bfloat16",
             "optim.ema_decay": DECAY, "validation.root": str(data_root.parent / "val_v2.0_raw")}
     return w.tiny_overrides(data_root, out, **{**base, **extra})
-
-
-def _rel(a, b) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def _closed_form(series: list[dict], decay: float, k: int) -> dict:
@@ -61,13 +54,13 @@ def test_ema_is_the_closed_form_of_the_master_weights_on_every_rank(trajectory):
     for r in trajectory:
         for k in range(1, 4):
             expected = _closed_form(r["masters"], DECAY, k)
-            errs = {n: _rel(r["emas"][k][n], expected[n]) for n in expected}
+            errs = {n: rel(r["emas"][k][n], expected[n]) for n in expected}
             assert max(errs.values()) <= EMA_TOL, (r["rank"], k, max(errs.items(), key=lambda kv: kv[1]))
         # not the average of the bf16 weights, nor with the decay swapped
         from_bf16 = _closed_form(r["bf16_weights"], DECAY, 3)
         swapped = _closed_form(r["masters"], 1 - DECAY, 3)
-        assert max(_rel(r["emas"][3][n], from_bf16[n]) for n in from_bf16) > 100 * EMA_TOL
-        assert max(_rel(r["emas"][3][n], swapped[n]) for n in swapped) > 100 * EMA_TOL
+        assert max(rel(r["emas"][3][n], from_bf16[n]) for n in from_bf16) > 100 * EMA_TOL
+        assert max(rel(r["emas"][3][n], swapped[n]) for n in swapped) > 100 * EMA_TOL
 
 
 def test_ema_is_sharded_like_the_optimizer_and_counted_in_the_estimate(trajectory):
@@ -111,8 +104,8 @@ def test_the_ema_checkpoint_reshards_and_the_resumed_average_goes_on(data_root, 
     for r in resumed:
         assert r["result"]["step"] == 4
         for n, t in straight[0]["ema"].items():
-            assert _rel(r["ema"][n], t) <= WEIGHT_TOL, (r["rank"], n)
-        assert max(_rel(r["ema"][n], r["master"][n]) for n in r["ema"]) > 10 * WEIGHT_TOL  # an average
+            assert rel(r["ema"][n], t) <= WEIGHT_TOL, (r["rank"], n)
+        assert max(rel(r["ema"][n], r["master"][n]) for n in r["ema"]) > 10 * WEIGHT_TOL  # an average
 
 
 def test_validation_and_rollouts_score_the_ema_weights_and_put_the_trained_ones_back(data_root, tmp_path):

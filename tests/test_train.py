@@ -21,29 +21,17 @@ import pytest
 import torch
 
 from megawan.testing import run_distributed
-from megawan.tools.make_sample_data import make_sample_data
 from megawan.training.config import ConfigError, load_config
 from tests import _train_workers as w
+from tests._train_workers import max_param_err, rel
 
 LOSS_TOL = 1e-5
 WEIGHT_TOL = 1e-3
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sample_1x")
-    make_sample_data(root)
-    w.write_prompt(root / "prompt.safetensors")  # tiny_overrides points data.empty_prompt here
-    return root / "train_v2.0_raw"
-
-
-def _rel(a, b) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def _max_param_err(a: dict, b: dict) -> float:
-    assert set(a) == set(b)
-    return max(_rel(a[k], b[k]) for k in a)
+def data_root(sample_1x):
+    return sample_1x / "train_v2.0_raw"
 
 
 # The GPU default: compiled blocks (one graph per block, collectives traced) with recomputation inside it.
@@ -66,13 +54,13 @@ def test_tp2_cp2_training_matches_single_process(data_root, tmp_path, four_ranks
     for a, b in zip(four["losses"], one["losses"]):
         assert abs(a - b) <= 10 * LOSS_TOL * abs(b), (four["losses"], one["losses"])
     for r in every:  # both TP ranks of both CP ranks hold the single-process weights
-        err = _max_param_err(r["params"], one["params"])
+        err = max_param_err(r["params"], one["params"])
         assert err <= WEIGHT_TOL, (r["rank"], err)
     # the weights did move, every tensor by more than the tolerance (the least, a norm weight starting at 1,
     # by 2.9e-3; most by 4-9e-2): a layout that left any tensor at its initial value would fail the comparison
     start = run_distributed(w.initial_weights, 1, w.tiny_overrides(data_root, tmp_path / "start", **{
         "parallel.tp": 1, "parallel.cp": 1}))[0]
-    moved = {k: _rel(one["params"][k], start[k]) for k in start}
+    moved = {k: rel(one["params"][k], start[k]) for k in start}
     assert min(moved.values()) > WEIGHT_TOL, min(moved.items(), key=lambda kv: kv[1])
 
 
@@ -121,7 +109,7 @@ def test_resume_into_another_layout(data_root, saved_at_tp2_dp2, tmp_path, tp, c
     # the step after the resume used the restored Adam moments: the weights follow the straight run, on
     # every TP / CP rank and DP replica
     for r in every:
-        assert _max_param_err(r["params"], straight["params"]) <= WEIGHT_TOL, r["rank"]
+        assert max_param_err(r["params"], straight["params"]) <= WEIGHT_TOL, r["rank"]
 
 
 def test_a_rank_killed_during_a_checkpoint_write_leaves_the_last_one_loadable(data_root, tmp_path, caplog):

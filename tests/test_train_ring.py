@@ -14,28 +14,16 @@ import shutil
 import pytest
 
 from megawan.testing import run_distributed
-from megawan.tools.make_sample_data import make_sample_data
 from tests import _train_workers as w
+from tests._train_workers import max_param_err, rel
 
 LOSS_TOL = 1e-5
 WEIGHT_TOL = 1e-3
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sample_1x")
-    make_sample_data(root)
-    w.write_prompt(root / "prompt.safetensors")  # tiny_overrides points data.empty_prompt here
-    return root / "train_v2.0_raw"
-
-
-def _rel(a, b) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def _max_param_err(a: dict, b: dict) -> float:
-    assert set(a) == set(b)
-    return max(_rel(a[k], b[k]) for k in a)
+def data_root(sample_1x):
+    return sample_1x / "train_v2.0_raw"
 
 
 def _assert_same_training(every: list, one: dict, start: dict):
@@ -50,9 +38,9 @@ def _assert_same_training(every: list, one: dict, start: dict):
     for a, b in zip(run["losses"], one["losses"]):
         assert abs(a - b) <= 10 * LOSS_TOL * abs(b), (run["losses"], one["losses"])
     for r in every:
-        err = _max_param_err(r["params"], one["params"])
+        err = max_param_err(r["params"], one["params"])
         assert err <= WEIGHT_TOL, (r["rank"], err)
-    moved = {k: _rel(one["params"][k], start[k]) for k in start}
+    moved = {k: rel(one["params"][k], start[k]) for k in start}
     assert min(moved.values()) > WEIGHT_TOL, min(moved.items(), key=lambda kv: kv[1])
 
 
@@ -109,4 +97,4 @@ def test_a_checkpoint_moves_between_ulysses_and_ring(data_root, tmp_path, straig
     last, want = resumed["losses"][-1], straight_cp2["losses"][-1]
     assert abs(last - want) <= LOSS_TOL * abs(want), (resumed["losses"], straight_cp2["losses"])
     for r in every:  # both CP ranks
-        assert _max_param_err(r["params"], straight_cp2["params"]) <= WEIGHT_TOL, r["rank"]
+        assert max_param_err(r["params"], straight_cp2["params"]) <= WEIGHT_TOL, r["rank"]

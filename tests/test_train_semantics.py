@@ -12,37 +12,23 @@ is near zero; tests/test_train.py states the same bound for the layouts).
 from __future__ import annotations
 
 import math
-import re
-import shutil
 
 import pytest
 import yaml
 
 from megawan.testing import run_distributed
-from megawan.tools.make_sample_data import make_sample_data
 from megawan.training.config import ConfigError, load_config
 from tests import _semantics_workers as sw
 from tests import _train_workers as w
+from tests._train_workers import max_param_err
 
 LOSS_TOL = 1e-6
 WEIGHT_TOL = 1e-3
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sample_1x")
-    make_sample_data(root)
-    w.write_prompt(root / "prompt.safetensors")
-    return root / "train_v2.0_raw"
-
-
-def _rel(a, b) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def _max_err(a: dict, b: dict) -> float:
-    assert set(a) == set(b)
-    return max(_rel(a[k], b[k]) for k in a)
+def data_root(sample_1x):
+    return sample_1x / "train_v2.0_raw"
 
 
 def _losses(report) -> list[float]:
@@ -77,7 +63,7 @@ def test_every_split_of_the_global_batch_gives_the_same_step(data_root, tmp_path
             for a, b in zip(_losses(r), _losses(ref)):
                 assert abs(a - b) <= LOSS_TOL * abs(b), (split, r["rank"], _losses(r), _losses(ref))
             assert len(_losses(r)) == 2
-            assert _max_err(r["weights"], ref["weights"]) <= WEIGHT_TOL, (split, r["rank"])
+            assert max_param_err(r["weights"], ref["weights"]) <= WEIGHT_TOL, (split, r["rank"])
 
 
 # ---- a resume that changes the config: the new config is in force ---------------------------------------
