@@ -46,6 +46,11 @@ def tiny_overrides(data_root, out_dir, **extra) -> dict:
             "objective": {"clean_frames": 1}, "optim": {"warmup_steps": 0},
             "checkpoint": {"every": 0, "keep": 3}, "validation": {"every": 0, "rollout_every": 0},
             "logging": {"progress_bar": False, "tensorboard": False, "every": 100}}
+    return with_dotted(tree, extra)
+
+
+def with_dotted(tree: dict, extra: dict) -> dict:
+    """``tree`` with each ``"section.key": value`` of ``extra`` set in it (the command line's override form)."""
     for key, value in extra.items():
         node = tree
         *path, last = key.split(".")

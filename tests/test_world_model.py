@@ -13,6 +13,7 @@ import tests._world_model_workers as w
 from megawan.evaluation.rollouts import condition_states, latent_scores, sheet_frames
 from megawan.testing.distributed import run_distributed
 from megawan.tools.make_sample_data import make_sample_data
+from tests._train_workers import with_dotted
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +32,7 @@ def _overrides(root, out_dir, **extra):
             "checkpoint": {"every": 0, "keep": 2},
             "validation": {"every": 0, "root": str(root / "val_v2.0_raw"), "rollout_every": 0},
             "logging": {"progress_bar": False, "tensorboard": False, "every": 100}}
-    for key, value in extra.items():
-        node = tree
-        *path, last = key.split(".")
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return tree
+    return with_dotted(tree, extra)
 
 
 # ---- states conditions and latent scores ------------------------------------------------------------
