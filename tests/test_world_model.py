@@ -199,20 +199,31 @@ def test_a_run_folder_without_checkpoints_is_refused(tmp_path):
 
 
 # ---- learning ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo_sample_root(tmp_path_factory):
+    """The sample data launch/demo.sh makes: 24 training shards of 33-60-frame segments (~120 segments)."""
+    root = tmp_path_factory.mktemp("wm_demo_data") / "sample_1x"
+    make_sample_data(root, train_shards=24, min_segment=33, max_segment=60, captioned_videos=0)
+    return root
+
+
 @pytest.mark.xfail(run=False, strict=True, reason=(
-    "issue 21 goal not reached: in 300 steps (batch 8, 2,400 samples) the tiny DiT's held-out rollout latent MSE "
-    "is 4.2 against 0.16 for copying the last latent (training windows: 0.62 against 0.12); the 8 training "
-    "segments of the default sample data are memorised, not generalised (docs/benchmarks.md, 'World model')"))
-def test_a_short_run_beats_copying_the_last_latent_and_late_states_make_it_worse(sample_root, tmp_path):
-    """The learning test: a short TP1 run of the tiny world model (fitted VAE, latent memo), then rollouts on
-    held-out clips: its latent MSE beats the copy-last-latent baseline, and the states one frame late score
-    worse than the true ones."""
-    over = _overrides(sample_root, tmp_path / "run", **{
-        "run.steps": 300, "data.clip_frames": 33, "data.batch_size": 8, "data.vae": "tiny_sample",
-        "data.memo_latents": True, "objective.clean_frames": 5, "optim.lr": 2e-3, "optim.warmup_steps": 20,
-        "validation.rollout_every": 300, "validation.rollout_clips": 8, "validation.rollout_steps": 10,
+    "issue 21 goal not reached within a test's time: single-process, batch 8, on the demo's 24-shard data, the "
+    "tiny DiT's held-out rollout latent MSE (mean over the 4 predicted frames) is 0.232 after 400 steps (214 s) "
+    "and 0.083 after 1000 steps (415 s) against 0.074 for copying the last latent; only the last frame beats "
+    "copying at 1000 steps (0.106 vs 0.141), and states one frame late score the same as the true ones "
+    "(0.108) (docs/benchmarks.md, 'World model')"))
+def test_a_short_run_beats_copying_the_last_latent_and_late_states_make_it_worse(demo_sample_root, tmp_path):
+    """The learning test: a short TP1 run of the tiny world model (the tiny_1x preset's recipe: fitted VAE, latent
+    memo, window hop 4, shift 5, batch 8), then rollouts on held-out clips: its latent MSE beats the
+    copy-last-latent baseline, and the states one frame late score worse than the true ones."""
+    over = _overrides(demo_sample_root, tmp_path / "run", **{
+        "run.steps": 1000, "data.clip_frames": 33, "data.batch_size": 8, "data.vae": "tiny_sample",
+        "data.memo_latents": True, "data.window_hop": 4, "objective.clean_frames": 5, "objective.shift": 5.0,
+        "optim.lr": 2e-3, "optim.warmup_steps": 20,
+        "validation.rollout_every": 1000, "validation.rollout_clips": 8, "validation.rollout_steps": 10,
         "validation.rollout_conditions": ["true", "shifted"]})
-    run_distributed(w.train_run, 1, over, timeout_s=900)
+    run_distributed(w.train_run, 1, over, timeout_s=1800)
     rollouts = [json.loads(line) for line in open(tmp_path / "run" / "logs" / "metrics.jsonl")
                 if json.loads(line)["kind"] == "rollout"]
     r = rollouts[-1]

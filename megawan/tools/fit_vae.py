@@ -28,7 +28,8 @@ import torch
 
 from megawan.data.transforms import frames_to_video
 from megawan.vae import WanVAE38, WanVAE38Config
-from megawan.vae.fit import VAEFitConfig, fit, reconstruction_psnr, set_latent_normalisation
+from megawan.vae.fit import (VAEFitConfig, fit, reconstruction_psnr, set_latent_normalisation,
+                             start_posterior_narrow)
 from megawan.vae.pretrained import FITTED_DIR, FIT_REPORT, packaged_vae
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--kl-weight", type=float, default=d.kl_weight)
     p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--logvar-init", type=lambda v: None if v == "none" else float(v), default=-8.0,
+                   help="initial posterior log-variance (bias of quant_conv's log-variance half) of a fit from "
+                        "random weights; 'none' keeps PyTorch's init (~0: z is almost all noise)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="dtype of the written weights")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -101,6 +105,8 @@ def main(argv=None) -> dict:
     vae = WanVAE38(WanVAE38Config.preset("tiny"))
     if args.init:  # continue a fit (e.g. on longer clips) from a VAE folder's weights
         vae.load_state_dict(packaged_vae(args.init).state_dict())
+    elif args.logvar_init is not None:
+        start_posterior_narrow(vae, args.logvar_init)
 
     def batches(step: int) -> torch.Tensor:  # fresh clips every step, never the held-out split's
         return rendered_clips(1_000_003 * (args.seed + 1) + step, args.batch_size, args.clip_frames, args.size)

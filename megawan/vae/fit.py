@@ -121,6 +121,19 @@ def set_latent_normalisation(vae: WanVAE38, clips: Sequence[torch.Tensor]) -> tu
     return mean, std
 
 
+def start_posterior_narrow(vae: WanVAE38, logvar: float) -> None:
+    """Set the bias of the log-variance half of ``quant_conv`` (the encoder's last layer) to ``logvar``.
+
+    Why: a fresh encoder's means have a standard deviation of ~0.13 while its log-variances are ~0, so the
+    sampled z is ~99 % noise: the decoder learns to ignore z and the fit stalls at the mean image (measured:
+    18.4 dB after 1,650 steps, every reconstruction the same blur). A narrow posterior at the start lets the
+    encoder's signal through; the KL term then widens it as far as reconstruction allows.
+    """
+    z = vae.config.z_dim
+    with torch.no_grad():
+        vae.quant_conv.bias[z:].fill_(logvar)
+
+
 def fit(vae: WanVAE38, batches: Callable[[int], torch.Tensor], held_out: Sequence[torch.Tensor],
         config: VAEFitConfig = VAEFitConfig(), log: Callable[[str], None] | None = print,
         on_eval: Callable[[int, WanVAE38], None] | None = None) -> list[dict]:
@@ -132,7 +145,7 @@ def fit(vae: WanVAE38, batches: Callable[[int], torch.Tensor], held_out: Sequenc
     opt = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     history = [{"step": 0, "held_out_psnr": reconstruction_psnr(vae, held_out)}]
     if log:
-        log(f"step 0: held-out reconstruction PSNR {history[0]['held_out_psnr']:.2f} dB (random start)")
+        log(f"step 0: held-out reconstruction PSNR {history[0]['held_out_psnr']:.2f} dB (start)")
     vae.train().requires_grad_(True)
     start = time.perf_counter()
     running = []
