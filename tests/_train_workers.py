@@ -41,9 +41,9 @@ def max_param_err(a: dict, b: dict) -> float:
 def tiny_overrides(data_root, out_dir, **extra) -> dict:
     """The tiny_1x preset made small and fast: 9-frame clips at 64 x 64 (3 latent frames of 4 tokens)."""
     tree = {"run": {"out_dir": str(out_dir), "steps": 4},
-            "data": {"root": str(data_root), "clip_frames": 9, "size": [64, 64], "batch_size": 1,
+            "data": {"root": str(data_root), "clip_frames": 9, "size": [64, 64], "batch_size": 1, "window_hop": 1,
                      "empty_prompt": str(os.path.join(os.path.dirname(str(data_root)), "prompt.safetensors"))},
-            "objective": {"clean_frames": 1}, "optim": {"warmup_steps": 0},
+            "objective": {"clean_frames": 1, "shift": 1.0}, "optim": {"warmup_steps": 0},
             "checkpoint": {"every": 0, "keep": 3}, "validation": {"every": 0, "rollout_every": 0},
             "logging": {"progress_bar": False, "tensorboard": False, "every": 100}}
     return with_dotted(tree, extra)

@@ -62,6 +62,7 @@ def train_args(data_root, out_dir) -> list[str]:
     return ["--config", "tiny_1x", "--parallel.tp", "2", "--parallel.cp", "1", "--data.root", str(data_root),
             "--run.out_dir", str(out_dir), "--run.steps", str(STEPS), "--checkpoint.every", "0",
             "--validation.every", "0", "--validation.rollout_every", "0", "--data.batch_size", "2",
+            "--data.window_hop", "1", "--objective.shift", "1.0", "--optim.warmup_steps", "5",
             "--logging.every", "1", "--logging.progress_every_s", "5"]
 
 
