@@ -385,6 +385,7 @@ class Trainer:
         if self.rank == 0:
             logger.warning("step %d: %s failed: %s; training goes on", self.step, kind, message)
         self._log.log(self.step, {"error": message}, kind=f"{kind}_error")
+
     @contextlib.contextmanager
     def weights(self, which: str):
         """The model holds the trained weights ("raw") or the EMA's ("ema") inside the block (collective)."""
