@@ -23,6 +23,14 @@ def _reason(trainer) -> str | None:
     return choice.reason if choice is not None else None
 
 
+def _metrics_records(overrides: dict) -> list[dict]:
+    """Every record of the run's logs/metrics.jsonl."""
+    import json
+
+    with open(os.path.join(overrides["run"]["out_dir"], "logs", "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
 def train_and_tell(overrides: dict) -> dict:
     """Train (or resume); every rank reports the step it resumed at and what the trainer logged (the resume
     choice and its reason come first), rank 0 the chosen reason."""
@@ -131,10 +139,7 @@ def fail_evaluation_on_rank_1(overrides: dict, at_step: int) -> dict:
     result = trainer.fit()
     out = {"result": result, **seen}
     if dist.get_rank() == 0:
-        import json
-
-        path = os.path.join(overrides["run"]["out_dir"], "logs", "metrics.jsonl")
-        out["records"] = [json.loads(line) for line in open(path)]
+        out["records"] = _metrics_records(overrides)
     parallel_state.destroy()
     return out
 
@@ -155,10 +160,7 @@ def count_vae_builds(overrides: dict) -> dict:
     result = trainer.fit()
     out = {"result": result, "vae_builds": calls["n"]}
     if dist.get_rank() == 0:
-        import json
-
-        path = os.path.join(overrides["run"]["out_dir"], "logs", "metrics.jsonl")
-        out["records"] = [json.loads(line) for line in open(path)]
+        out["records"] = _metrics_records(overrides)
     parallel_state.destroy()
     return out
 
