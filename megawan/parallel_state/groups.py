@@ -27,7 +27,7 @@ from megatron.core import parallel_state as mps
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from megawan.parallel_state import cpu_compat
-from megawan.parallel_state.launch import DEFAULT_TIMEOUT_S, launch_env, start_process_group
+from megawan.parallel_state.launch import default_timeout_s, launch_env, start_process_group
 from megawan.parallel_state.layout import LayoutError, ParallelLayout
 
 
@@ -130,7 +130,7 @@ def initialize(
     vae_shards: int | None = None,
     num_heads: int | None = None,
     backend: str | None = None,
-    timeout_s: int = DEFAULT_TIMEOUT_S,
+    timeout_s: int | None = None,
     seed: int = 1234,
 ) -> ParallelGroups:
     """Start torch.distributed (if needed) and build megawan's process groups.
@@ -148,7 +148,8 @@ def initialize(
             process group starts (the model validates its own heads when it is built anyway).
         backend: "nccl" or "gloo"; default $MEGAWAN_BACKEND if set, else NCCL when CUDA is
             available and gloo otherwise ("gloo" keeps the ranks on CPU even on a GPU machine).
-        timeout_s: collective timeout, so a dead rank fails the job instead of hanging it.
+        timeout_s: collective timeout, so a dead rank fails the job instead of hanging it (default:
+            ``launch.default_timeout_s()``, i.e. $MEGAWAN_DIST_TIMEOUT_S or 600).
         seed: seed of megatron's model-parallel RNG tracker.
     """
     global _GROUPS
@@ -174,6 +175,7 @@ def initialize(
         # megatron builds dozens of groups; gloo would connect every pair of each at creation.
         # Lazy init connects a pair on its first collective, which makes start-up much faster.
         os.environ.setdefault("TORCH_GLOO_LAZY_INIT", "1")
+    timeout_s = default_timeout_s() if timeout_s is None else timeout_s
     start_process_group(env, backend or ("nccl" if use_cuda else "gloo"), timeout_s)
 
     if mps.model_parallel_is_initialized():

@@ -11,7 +11,12 @@ import sys
 
 import torch.distributed as dist
 
-DEFAULT_TIMEOUT_S = int(os.environ.get("MEGAWAN_DIST_TIMEOUT_S", "600"))
+TIMEOUT_ENV = "MEGAWAN_DIST_TIMEOUT_S"
+
+
+def default_timeout_s() -> int:
+    """The collective timeout: $MEGAWAN_DIST_TIMEOUT_S, else 600 s (read when a job starts, not at import)."""
+    return int(os.environ.get(TIMEOUT_ENV, "600"))
 
 
 def _first_slurm_host(nodelist: str) -> str:
