@@ -36,7 +36,7 @@ def test_auto_linear_impl_is_local_even_where_te_imports(monkeypatch):
 @pytest.fixture(scope="module")
 def te_rank():
     """One gloo rank building TE's linears through megatron's wrappers over the fake TE."""
-    return run_distributed(_te_call.call, 1, "te_single_rank", timeout_s=300)[0]
+    return run_distributed(_te_call.call, 1, "te_single_rank", timeout_s=300, fresh=True)[0]
 
 
 def test_te_linears_build_including_the_replicated_text_projections(te_rank):
@@ -74,7 +74,7 @@ def test_initialisation_is_the_same_in_every_layout_on_the_gpu_path():
     """Issue 18: off CPU each TP shard was initialised on its own (megatron's GPU init, per-TP-rank RNG
     streams), so the weights (and their variance) changed with TP. GPU-side code on stand-ins for the
     local linears, fake TE for TE's: the TP2 blocks gathered equal the TP1 CPU block exactly."""
-    for rank in run_distributed(_te_call.call, 2, "init_in_every_layout", 2, timeout_s=300):
+    for rank in run_distributed(_te_call.call, 2, "init_in_every_layout", 2, timeout_s=300, fresh=True):
         ref = rank["reference"]
         for layout in ("gpu_local", "te"):
             assert isinstance(rank[layout], dict), (layout, rank[layout])  # else: the build's error

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from megawan.parallel_state.launch import free_port
 from megawan.tools.make_sample_data import make_sample_data
 from tests.slurm_cluster import LocalSlurm, unavailable_reason
 
@@ -102,6 +103,34 @@ def steps_logged(out_dir: Path) -> list[dict]:
 def test_training_job_is_preempted_requeues_itself_and_resumes(slurm, data_root, tmp_path, job_logs):
     out = tmp_path / "run"
     job, log = submit(slurm, "train.sbatch", ["--ntasks=2"], train_args(data_root, out), job_logs)
+    # the uninterrupted reference run (torchrun, no SLURM) runs meanwhile: the job spends most of its time
+    # waiting on SLURM (requeue, release, restart), not computing
+    ref_out = tmp_path / "straight"
+    straight = subprocess.Popen(["bash", "launch/train.sh", "--nproc", "2", *train_args(data_root, ref_out)],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, **CPU_RANKS, "MASTER_PORT": str(free_port())})
+    try:
+        _preempt_and_resume(slurm, job, log, out)
+    finally:
+        try:
+            straight_log, _ = straight.communicate(timeout=600)
+        finally:
+            straight.kill()
+    assert straight.returncode == 0, straight_log[-4000:]
+    # every step logged once, in order, with the losses, gradient norms and learning rates of an uninterrupted
+    # run: the resume restored the weights, optimizer, step, data position and noise
+    resumed = steps_logged(out)
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
+    reference = steps_logged(ref_out)
+    assert [r["step"] for r in reference] == list(range(1, STEPS + 1))
+    for a, b in zip(resumed, reference):
+        assert a["loss"] == pytest.approx(b["loss"], rel=LOSS_RTOL), (a["step"], a["loss"], b["loss"])
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=LOSS_RTOL), a["step"]
+        assert a["lr"] == pytest.approx(b["lr"], rel=LOSS_RTOL), a["step"]
+
+
+def _preempt_and_resume(slurm, job, log, out):
+    """Preempt the running job, let it requeue and finish; check what its log and run folder say."""
     slurm.wait_state(job, {"RUNNING"}, 120)
     # preempt once the trainer is inside its loop: what --signal=B:USR1@300 does before the time limit
     wait_for(lambda: len(steps_logged(out)) >= 2, 300, "two training steps", slurm, job)
@@ -139,22 +168,6 @@ def test_training_job_is_preempted_requeues_itself_and_resumes(slurm, data_root,
     for step in (stop, STEPS):
         assert (out / "checkpoints" / f"step_{step:08d}" / "megawan_checkpoint.json").is_file()
     assert (out / "resolved_config.yaml").is_file() and any((out / "logs" / "tensorboard").iterdir())
-
-    # every step logged once, in order, with the losses, gradient norms and learning rates of an uninterrupted
-    # run: the resume restored the weights, optimizer, step, data position and noise
-    resumed = steps_logged(out)
-    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
-    ref_out = tmp_path / "straight"
-    straight = subprocess.run(["bash", "launch/train.sh", "--nproc", "2", *train_args(data_root, ref_out)],
-                              cwd=REPO, capture_output=True, text=True, timeout=600,
-                              env={**os.environ, **CPU_RANKS})
-    assert straight.returncode == 0, straight.stdout[-2000:] + straight.stderr[-2000:]
-    reference = steps_logged(ref_out)
-    assert [r["step"] for r in reference] == list(range(1, STEPS + 1))
-    for a, b in zip(resumed, reference):
-        assert a["loss"] == pytest.approx(b["loss"], rel=LOSS_RTOL), (a["step"], a["loss"], b["loss"])
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=LOSS_RTOL), a["step"]
-        assert a["lr"] == pytest.approx(b["lr"], rel=LOSS_RTOL), a["step"]
 
 
 @pytest.mark.parametrize("script,args,message", [

@@ -10,7 +10,8 @@ Gloo ranks start from a fork server that has already imported torch, megatron-co
 spawned rank would otherwise spend ~4 s of CPU importing them again: most of a small test's time on a
 2-core machine). Each rank is still a fresh process forked from that clean server, so nothing is shared
 between tests; it gets the caller's current environment. NCCL ranks are spawned: a process that has
-touched CUDA must not be forked, and the fork server's imports may query CUDA.
+touched CUDA must not be forked, and the fork server's imports may query CUDA. ``fresh=True`` spawns gloo
+ranks too, for a test that must control what a rank imports first (the fake Transformer Engine).
 """
 
 from __future__ import annotations
@@ -56,15 +57,15 @@ _PRELOAD = ["torch", "torch.distributed", "megatron.core", "megawan.training.tra
             "megawan.evaluation.rollouts"]
 
 
-def _context(backend: str):
-    if backend != "gloo":
+def _context(backend: str, fresh: bool):
+    if backend != "gloo" or fresh:
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)  # takes effect when the server starts: the first gloo call
     return ctx
 
 
-def _worker(rank, world_size, port, backend, fn, args, kwargs, results, environ):
+def _worker(rank, world_size, port, backend, call, results, environ):
     # A forked rank inherits the fork server's environment, frozen when it started: use the caller's.
     os.environ.clear()
     os.environ.update(environ)
@@ -76,6 +77,7 @@ def _worker(rank, world_size, port, backend, fn, args, kwargs, results, environ)
     torch.set_num_threads(1)
     torch.backends.cudnn.allow_tf32 = False  # NCCL ranks: fp32 convs exact, as the 1e-5 tolerances assume
     try:
+        fn, args, kwargs = torch.load(io.BytesIO(call), weights_only=False)
         result = fn(*args, **kwargs)
         # Serialise to bytes: tensors sent through a Queue use shared memory that dies with this rank.
         buf = io.BytesIO()
@@ -111,7 +113,8 @@ def _collect(procs, results, timeout_s: float) -> tuple[dict, list[str]]:
     return done, errors
 
 
-def run_distributed(fn, world_size: int, *args, timeout_s: float = 600, grace_s: float = 0.5, **kwargs) -> list:
+def run_distributed(fn, world_size: int, *args, timeout_s: float = 600, grace_s: float = 0.5, fresh: bool = False,
+                    **kwargs) -> list:
     """Call ``fn(*args, **kwargs)`` on ``world_size`` spawned ranks; return the per-rank results.
 
     ``fn`` must be importable (module level) and should call ``megawan.parallel_state.initialize``.
@@ -119,14 +122,18 @@ def run_distributed(fn, world_size: int, *args, timeout_s: float = 600, grace_s:
     end by themselves before they are killed.
     """
     backend = test_backend(world_size)
-    ctx = _context(backend)
+    ctx = _context(backend, fresh)
     # Not daemonic: ranks may start processes of their own (megatron's checkpoint writer does); the
     # parent still kills every rank that outlives the call.
     results = ctx.Queue()
     port = _free_port()
+    # The call goes as bytes, as results come back: tensors in it would otherwise travel as shared-memory
+    # file descriptors, more than a fork server can pass to a rank (~250).
+    call = io.BytesIO()
+    torch.save((fn, args, kwargs), call)
     environ = dict(os.environ)
     procs = [ctx.Process(target=_worker, daemon=False,
-                         args=(r, world_size, port, backend, fn, args, kwargs, results, environ))
+                         args=(r, world_size, port, backend, call.getvalue(), results, environ))
              for r in range(world_size)]
     for p in procs:
         p.start()
