@@ -2,6 +2,7 @@
 precompute that skips finished shards, and a 2-rank spatially sharded run equal to one process."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -131,3 +132,20 @@ def test_two_vae_groups_split_the_shards_and_store_bf16_by_default(assets, tmp_p
         # bf16 compute and storage: a few bf16 roundings (2^-8 relative) through the tiny VAE
         assert torch.allclose(sample["latents"].float(), direct, rtol=0.05, atol=0.05 * direct.abs().max())
 
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_cache_files_get_the_umasks_mode(assets, tmp_path, mask):
+    """Shards and the empty-prompt embedding get the mode the umask gives every other file (0644 under umask
+    022), not safetensors' 0600: a cache is shared by the users of a cluster."""
+    root, vae, text = assets
+    old = os.umask(mask)
+    try:
+        precompute(world_model_source(root), tmp_path / "c", vae=vae, text_encoder=text, samples_per_shard=2,
+                   max_samples=3, progress=False)
+    finally:
+        os.umask(old)
+    files = sorted(p for p in (tmp_path / "c").rglob("*") if p.is_file())
+    assert {p.name for p in files} >= {"empty_prompt.safetensors", "shard_00000.safetensors",
+                                       "shard_00001.safetensors", "index.json", "cache_config.json"}
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(0o666 & ~mask) for p in files}
