@@ -21,17 +21,21 @@ import logging
 import math
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-from tqdm import tqdm
+from megawan.notices import quiet_known_notices
 
-from megawan import parallel_state
-from megawan.data.captioned_folder import CaptionedFolderConfig, CaptionedVideoFolder
-from megawan.data.latent_cache import (EMPTY_PROMPT, check_or_write_config, save_tensors_atomic, shard_name,
-                                       write_index)
-from megawan.data.text_encoder import UMT5TextEncoder
-from megawan.data.world_model_1x import WorldModel1XConfig, WorldModel1XDataset
-from megawan.vae import WanVAE38
+quiet_known_notices()  # before megatron-core and torchao are imported: their notices would come once per rank
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from megawan import parallel_state  # noqa: E402
+from megawan.data.captioned_folder import CaptionedFolderConfig, CaptionedVideoFolder  # noqa: E402
+from megawan.data.latent_cache import (EMPTY_PROMPT, check_or_write_config, save_tensors_atomic,  # noqa: E402
+                                       shard_name, write_index)
+from megawan.data.text_encoder import UMT5TextEncoder  # noqa: E402
+from megawan.data.world_model_1x import WorldModel1XConfig, WorldModel1XDataset  # noqa: E402
+from megawan.vae import WanVAE38  # noqa: E402
 
 logger = logging.getLogger("megawan.precompute")
 
@@ -144,9 +148,14 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> None:
-    logging.basicConfig(level=logging.INFO)
     args = parse_args(argv)
     env = parallel_state.launch_env()
+    # rank 0 tells what happens; the others only what goes wrong on them
+    logging.basicConfig(level=logging.INFO if env["rank"] == 0 else logging.WARNING)
+    if env["rank"] != 0:  # transformers' weight-loading bar, the same on every rank
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     vae_group, device = None, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if env["world_size"] > 1:
         groups = parallel_state.initialize(1, 1, vae_shards=args.vae_shards, num_heads=None)
