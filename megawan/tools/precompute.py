@@ -30,6 +30,7 @@ import torch.distributed as dist  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from megawan import parallel_state  # noqa: E402
+from megawan.data.bad_input import BadInputReport  # noqa: E402
 from megawan.data.captioned_folder import CaptionedFolderConfig, CaptionedVideoFolder  # noqa: E402
 from megawan.data.latent_cache import (EMPTY_PROMPT, check_or_write_config, save_tensors_atomic,  # noqa: E402
                                        shard_name, write_index)
@@ -40,14 +41,14 @@ from megawan.vae import WanVAE38  # noqa: E402
 logger = logging.getLogger("megawan.precompute")
 
 
-def build_source(args):
+def build_source(args, report: BadInputReport | None = None):
     if args.source == "1x":
         return WorldModel1XDataset(WorldModel1XConfig(
             root=args.data, clip_frames=args.clip_frames, frame_stride=args.frame_stride,
-            window_hop=args.window_hop, size=args.size, backend=args.backend, bad_input=args.bad_input))
+            window_hop=args.window_hop, size=args.size, backend=args.backend, bad_input=args.bad_input), report)
     return CaptionedVideoFolder(CaptionedFolderConfig(
         root=args.data, size=args.size or (704, 1280), clip_frames=args.clip_frames,
-        frame_stride=args.frame_stride, backend=args.backend, bad_input=args.bad_input))
+        frame_stride=args.frame_stride, backend=args.backend, bad_input=args.bad_input), report)
 
 
 def _stack(samples: list[dict], key: str) -> torch.Tensor:
@@ -163,7 +164,9 @@ def main(argv=None) -> None:
     elif args.vae_shards != 1:
         raise ValueError("--vae-shards > 1 needs several ranks (torchrun or srun)")
     dtype = getattr(torch, args.dtype)
-    dataset = build_source(args)
+    # every rank runs the same construction checks: rank 0 names each bad file (once); every rank's counts
+    # come in its closing line
+    dataset = build_source(args, BadInputReport(args.bad_input, announce=env["rank"] == 0))
     vae = WanVAE38.from_pretrained(args.vae, dtype=dtype, device=device)
     text_encoder = UMT5TextEncoder(args.text_encoder, args.tokenizer, dtype=dtype, device=device)
     config = {k: v for k, v in vars(args).items() if k not in ("out", "max_samples", "batch_size", "backend")}

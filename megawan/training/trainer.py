@@ -38,6 +38,7 @@ from megawan.models.dit import DiTRuntime, WanDiT
 from megawan.models.dit_config import WanDiTConfig
 from megawan.parallel_state import ParallelLayout
 from megawan.training import checkpointing
+from megawan.training.bad_input_log import RunBadInputs
 from megawan.training.budget import dit_flops
 from megawan.training.preflight import (MemoryBudgetError, memory_check, memory_reserve,  # noqa: F401 (re-exported)
                                         model_config, tokens_per_sample)
@@ -187,6 +188,7 @@ class Trainer:
         self._rollout_clips: list | None = None
         self._rollout_vae = None
         self._open_evaluation_data()
+        self.bad_inputs = RunBadInputs(self.groups, shared=self.data.report.tally, loader=self.data.loader.tally)
 
     # ---- rank 0 decides, every rank follows -----------------------------------------------------
 
@@ -312,19 +314,21 @@ class Trainer:
         if vcfg.every:
             key = "validation.root" if vcfg.root else "data.root"
             try:
-                self._val_dataset = build_dataset(data_cfg, vcfg.root) if vcfg.root else self.data.dataset
+                self._val_dataset = build_dataset(data_cfg, vcfg.root, self.data.report) if vcfg.root else \
+                    self.data.dataset
                 if len(self._val_dataset) == 0:
                     raise ValueError("it holds no clips")
-                self._val_dataset[validation_clips(len(self._val_dataset), vcfg.num_clips)[0]]
+                self._evaluation_read(self._val_dataset, validation_clips(len(self._val_dataset), vcfg.num_clips)[0])
             except Exception as e:  # noqa: BLE001 - any failure to read it is a bad validation source
                 raise EvaluationDataError(f"validation.every={vcfg.every}: {key}={vcfg.root or data_cfg.root} "
                                           f"cannot be read for validation ({type(e).__name__}: {e})") from e
         if vcfg.rollout_every:
             root, why = rollout_root(self.cfg)
             try:
-                dataset = build_dataset(dataclasses.replace(data_cfg, source="1x"), root)
+                dataset = build_dataset(dataclasses.replace(data_cfg, source="1x"), root, self.data.report)
                 # raw clips (video + states) of the held-out split, read once and kept
-                self._rollout_clips = [dataset[i] for i in validation_clips(len(dataset), vcfg.rollout_clips)]
+                self._rollout_clips = [self._evaluation_read(dataset, i)
+                                       for i in validation_clips(len(dataset), vcfg.rollout_clips)]
                 if not self._rollout_clips:
                     raise ValueError("it holds no clips")
             except Exception as e:  # noqa: BLE001
@@ -338,6 +342,14 @@ class Trainer:
                                               f"and decode with data.vae={data_cfg.vae}, which does not exist "
                                               f"({e})") from e
             logger.info("rollouts: %d clip(s) from %s (%s)", len(self._rollout_clips), root, why)
+
+    def _evaluation_read(self, dataset, item: int) -> dict:
+        """``dataset[item]`` for validation or rollouts; what it skipped goes to the run's shared tally (every
+        rank reads the same items, so rank 0 counts them for the job)."""
+        sample = dataset[item]
+        for notice in sample.get("skipped", ()):
+            self.data.report.tally.add(notice)
+        return sample
 
     def _failures(self, error: str | None) -> list[tuple[int, str]]:
         """Collective: (rank, error) of every rank whose ``error`` is not None."""
@@ -406,11 +418,11 @@ class Trainer:
             raise ValueError("validation needs validation.root, a held-out split (the training clips are not)")
         if self._val_cache is None:
             dataset = self._val_dataset if self._val_dataset is not None else \
-                build_dataset(self.cfg.data, vcfg.root)
+                build_dataset(self.cfg.data, vcfg.root, self.data.report)
             items = validation_clips(len(dataset), vcfg.num_clips)
             self._val_cache = []
             for item in items:
-                raw = self._read_on_every_rank(lambda: dataset[item])
+                raw = self._read_on_every_rank(lambda: self._evaluation_read(dataset, item))
                 raw = {k: (v[None] if torch.is_tensor(v) else [v]) for k, v in raw.items() if k != "skipped"}
                 self._val_cache.append((item, self.data.to_batch(raw)))  # every rank: the VAE call is collective
         with self.weights(weights):
@@ -459,8 +471,9 @@ class Trainer:
             raise ValueError("rollouts need validation.root, a held-out 1X split (the training clips are not)")
         if self._rollout_clips is None:  # raw clips (video + states) of the held-out split, read once
             def read():
-                dataset = build_dataset(dataclasses.replace(data_cfg, source="1x"), rollout_root(self.cfg)[0])
-                return [dataset[i] for i in validation_clips(len(dataset), vcfg.rollout_clips)]
+                dataset = build_dataset(dataclasses.replace(data_cfg, source="1x"), rollout_root(self.cfg)[0],
+                                        self.data.report)
+                return [self._evaluation_read(dataset, i) for i in validation_clips(len(dataset), vcfg.rollout_clips)]
 
             self._rollout_clips = self._read_on_every_rank(read)
         if self._rollout_vae is None:  # the training data's VAE, or (latent cache) one loaded once and kept
@@ -596,6 +609,8 @@ class Trainer:
             log.message(f"validation: held-out clips of {cfg.validation.root} (never the training data), scoring "
                         f"the {' and '.join('EMA' if w == 'ema' else 'trained' for w in evaluated_weights(cfg))} "
                         f"weights")
+        for line in self.bad_inputs.lines(self.step, at_start=True):  # the construction checks, named once
+            log.message(line)
         batches = self.data.batches()
         preempted = stopped_early = False
         last: dict = {}
@@ -617,6 +632,9 @@ class Trainer:
                 last = self._step_metrics(metrics, seconds, sum(b.size for b in micro) * self.groups.dp)
                 last["skipped_inputs"] = sum(self.data.skip_counts.values())
                 log.log(self.step, last)
+                if self.step % max(1, cfg.logging.every) == 0:  # collective: every rank is at this step
+                    for line in self.bad_inputs.lines(self.step):
+                        log.message(line)
                 # the step's checkpoint first: what follows (validation, rollouts) may take long or fail
                 final = self.step >= cfg.run.steps or (
                     cfg.run.exit_after_steps and self.step - first_step >= cfg.run.exit_after_steps)
@@ -637,6 +655,9 @@ class Trainer:
             # a rerun of a finished run does nothing: its newest checkpoint stays the answer
             if saved_at != self.step and (self.step > first_step or resumed is None):
                 path, saved_at = self.save(), self.step
+            for line in self.bad_inputs.lines(self.step) + [self.bad_inputs.summary()]:
+                if line:
+                    log.message(line)
         finally:
             log.close()
         curves = write_training_curves(self.out_dir, cfg.run.name) if self.rank == 0 else None
@@ -646,4 +667,5 @@ class Trainer:
             print(f"preempted: {what}; rerun the same command to resume (stop requested by {self.stop.signal_name})",
                   flush=True)
         return {"step": self.step, "checkpoint": str(path) if path else None, "preempted": preempted,
-                "stopped_early": stopped_early, "curves": curves, **last}
+                "stopped_early": stopped_early, "curves": curves, **last,
+                "bad_input": dict(self.bad_inputs.total)}  # the job's, by kind (rank 0; {} elsewhere)
