@@ -174,10 +174,12 @@ def test_a_two_rank_precompute_prints_no_notice_twice(assets, tmp_path):
     """torchrun, 2 ranks: each third-party notice at most once in stderr, and no stderr line twice (one rank
     would otherwise repeat every notice the other prints)."""
     root, _, _ = assets
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "megawan.tools.precompute",
-                          *_cli_args(root), "--dtype", "float32", "--out", str(tmp_path / "c")],
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "megawan.tools.precompute", *_cli_args(root), "--dtype", "float32",
+                          "--out", str(tmp_path / "c")],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "7 samples in 3 shards" in run.stdout

@@ -37,6 +37,7 @@ from megawan.diffusion import (apply_text_dropout, clean_frame_counts, flow_matc
 from megawan.models.dit import DiTRuntime, WanDiT
 from megawan.models.dit_config import WanDiTConfig
 from megawan.parallel_state import ParallelLayout
+from megawan.progress import ProgressLine
 from megawan.training import checkpointing
 from megawan.training.bad_input_log import RunBadInputs
 from megawan.training.budget import dit_flops
@@ -398,6 +399,13 @@ class Trainer:
             logger.warning("step %d: %s failed: %s; training goes on", self.step, kind, message)
         self._log.log(self.step, {"error": message}, kind=f"{kind}_error")
 
+    def _task_progress(self, total: int, desc: str, unit: str) -> ProgressLine:
+        """Progress of a validation or rollout task, shown as the training loop's is (rank 0; none outside fit)."""
+        log = getattr(self, "_log", None)
+        if log is None:
+            return ProgressLine(total, desc=desc, unit=unit, enabled=False)
+        return log.task_progress(total, desc, unit)
+
     @contextlib.contextmanager
     def weights(self, which: str):
         """The model holds the trained weights ("raw") or the EMA's ("ema") inside the block (collective)."""
@@ -421,31 +429,35 @@ class Trainer:
                 build_dataset(self.cfg.data, vcfg.root, self.data.report)
             items = validation_clips(len(dataset), vcfg.num_clips)
             self._val_cache = []
-            for item in items:
-                raw = self._read_on_every_rank(lambda: self._evaluation_read(dataset, item))
-                raw = {k: (v[None] if torch.is_tensor(v) else [v]) for k, v in raw.items() if k != "skipped"}
-                self._val_cache.append((item, self.data.to_batch(raw)))  # every rank: the VAE call is collective
+            with self._task_progress(len(items), "validation clips (read and encoded once)", "clip") as progress:
+                for item in items:
+                    raw = self._read_on_every_rank(lambda: self._evaluation_read(dataset, item))
+                    raw = {k: (v[None] if torch.is_tensor(v) else [v]) for k, v in raw.items() if k != "skipped"}
+                    self._val_cache.append((item, self.data.to_batch(raw)))  # every rank: the VAE call is collective
+                    progress.update(len(self._val_cache))
         with self.weights(weights):
             self.model.eval()
             try:
-                out = self._validation_losses()
+                out = self._validation_losses(_eval_kind("validation", weights))
             finally:
                 self.model.train()
         return out
 
-    def _validation_losses(self) -> dict:
+    def _validation_losses(self, kind: str) -> dict:
         vcfg = self.cfg.validation
         sums = torch.zeros(len(vcfg.sigmas), device=self.groups.device)
         count = 0
-        for k, (item, batch) in enumerate(self._val_cache):
-            if k % self.groups.dp != self.groups.dp_rank:
-                continue
-            clean = torch.full((batch.size,), self.cfg.objective.clean_frames, dtype=torch.int64)
-            for j, s in enumerate(vcfg.sigmas):
-                gen = torch.Generator().manual_seed(_derive_seed(vcfg.seed, item, j))
-                noise = torch.randn(batch.latents.shape, generator=gen)
-                sums[j] += self.loss(batch, torch.full((batch.size,), float(s)), clean, noise, batch.text)
-            count += 1
+        mine = [(item, batch) for k, (item, batch) in enumerate(self._val_cache)
+                if k % self.groups.dp == self.groups.dp_rank]
+        with self._task_progress(len(mine), f"step {self.step} {kind}", "clip") as progress:
+            for item, batch in mine:
+                clean = torch.full((batch.size,), self.cfg.objective.clean_frames, dtype=torch.int64)
+                for j, s in enumerate(vcfg.sigmas):
+                    gen = torch.Generator().manual_seed(_derive_seed(vcfg.seed, item, j))
+                    noise = torch.randn(batch.latents.shape, generator=gen)
+                    sums[j] += self.loss(batch, torch.full((batch.size,), float(s)), clean, noise, batch.text)
+                count += 1
+                progress.update(count)
         counts = torch.tensor([float(count)], device=sums.device)
         dist.all_reduce(sums, group=self.groups.dp_group)
         dist.all_reduce(counts, group=self.groups.dp_group)
@@ -486,7 +498,9 @@ class Trainer:
                                        text=self.data.empty_text,
                                        config=SamplingConfig(steps=vcfg.rollout_steps, guidance=1.0),
                                        context_frames=self.rollout_context_frames(), seed=vcfg.seed,
-                                       conditions=conditions)
+                                       conditions=conditions,
+                                       progress=lambda total: self._task_progress(
+                                           total, f"step {self.step} {_eval_kind('rollout', weights)}", "rollout"))
         if self.rank == 0:
             suffix = "" if weights == "raw" else f"_{weights}"
             write_rollout_sheet(result, self.out_dir / "rollouts" / f"step_{self.step:08d}{suffix}.png")
