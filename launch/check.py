@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +53,9 @@ def main(argv: list[str]) -> str:
     if argv[2] == "train":
         # the launchers print this script's output as the layout line: megatron-core's notice of its
         # pure-torch fallbacks (imported with the config's sections) must not end up inside it
-        warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+        from megawan.notices import quiet_known_notices
+
+        quiet_known_notices()
         from megawan.training.config import ConfigError, load_config
 
         try:

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import warnings
 from dataclasses import replace
 from pathlib import Path
 
+from megawan.notices import quiet_known_notices  # noqa: E402
+
 # megatron-core announces its pure-torch fallbacks at import; expected here, and noise before a one-line error
-warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+quiet_known_notices()
 
 import torch  # noqa: E402
 

@@ -8,7 +8,9 @@ the position, the rate over this process's share of the work and the time left:
     train: 120/1000 steps (12%), 1.93 steps/s, ETA 0:07:36, loss 0.4312, lr 1.00e-04
 
 ``write(line)`` prints a message so that it never lands inside the bar. Only the caller's rank prints:
-pass ``enabled=False`` elsewhere.
+pass ``enabled=False`` elsewhere. A task that starts after a silence and may take a while (validation, rollouts)
+passes ``start_line=True``: its first line comes at once, not ``every_s`` seconds later, and ``leave=False``
+takes its bar off the terminal when it is done (the training bar stays).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ def format_duration(seconds: float) -> str:
 
 class ProgressLine:
     def __init__(self, total: int | None, *, desc: str, unit: str = "step", initial: int = 0, every_s: float = 30.0,
-                 enabled: bool = True, bar: bool | None = None, stream=None, out=None, clock=time.monotonic):
+                 enabled: bool = True, bar: bool | None = None, stream=None, out=None, clock=time.monotonic,
+                 start_line: bool = False, leave: bool = True):
         """``bar``: None picks a tqdm bar when ``stream`` (stderr by default) is a terminal; plain lines go to
         ``out`` (stdout by default, where the other messages go, so they stay in order)."""
         self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
@@ -44,7 +47,10 @@ class ProgressLine:
         if bar:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, file=self.stream)
+            self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, file=self.stream,
+                             leave=leave)
+        elif start_line:
+            self._print(self.line())
 
     @property
     def is_bar(self) -> bool:
@@ -96,3 +102,9 @@ class ProgressLine:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+    def __enter__(self) -> "ProgressLine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None, *, restore_signals: bool = True) -> dict
 
 def _main(argv: list[str] | None, stop: StopRequest) -> dict | None:
     # megatron-core announces its pure-torch fallbacks on every rank at import; they are expected on CPU.
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    from megawan.notices import quiet_known_notices
+
+    quiet_known_notices()
     from megawan import parallel_state
     from megawan.parallel_state import LayoutError
     from megawan.parallel_state.launch import launch_env, user_errors

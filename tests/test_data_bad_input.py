@@ -3,13 +3,14 @@ loader workers. Each is reported with file and frame, then skipped and counted o
 
 import os
 import time
+from collections import Counter
 
 import av
 import numpy as np
 import pytest
 import torch
 
-from megawan.data import (BadInputError, ClipLoader, DistributedClipSampler, WorldModel1XConfig,
+from megawan.data import (BadInputError, BadInputReport, ClipLoader, DistributedClipSampler, WorldModel1XConfig,
                           WorldModel1XDataset)
 from megawan.tools.make_sample_data import make_sample_data, write_video
 
@@ -59,7 +60,7 @@ def test_truncated_stream_fails_at_the_missing_frame_and_is_replaced(split):
     assert len(ds.shards) == 3  # the header looks whole
     late = [c for c in range(len(ds)) if ds.index.locate(c)[0] == 0 and ds.index.locate(c)[1] > 60]
     sample = ds[late[0]]
-    assert sample["skipped"] and set(sample["skipped"]) == {"decode_error"}
+    assert sample["skipped"] and {n.kind for n in sample["skipped"]} == {"decode_error"}
     assert not (sample["shard"] == 0 and sample["first_frame"] > 60)  # a replacement clip
     raising = build(split, "raise")
     with pytest.raises(BadInputError, match=r"video_0.mp4 at frame \d+") as err:
@@ -135,3 +136,63 @@ def test_a_worker_never_hangs_the_job(dataset, message):
         for _ in loader:
             pass
     assert time.monotonic() - start < 30
+
+
+def _truncate_mid_stream(video, keep: float) -> None:
+    """Rewrite ``video`` with its header first (faststart) and cut its data: the header still promises every
+    frame, decoding fails where the data stops (a clip corrupted mid-stream)."""
+    with av.open(str(video)) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    write_video(video, frames, gop=8, faststart=True)
+    data = video.read_bytes()
+    video.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_a_training_run_names_each_bad_file_once_then_counts(tmp_path, capfd):
+    """2 data-parallel gloo ranks, 2 loader workers each, on data with a video corrupted mid-stream and a short
+    segment: each bad file's notice appears once in the output of all processes together, then a count per
+    logging interval and a summary at the end, with the counts an independent single-process read of the
+    same clips gives."""
+    from megawan.testing import run_distributed
+    from tests import _train_workers as w
+
+    root = make_sample_data(tmp_path / "data", train_shards=2, val_shards=0, frames_per_shard=FRAMES, size=64,
+                            gop=8, min_segment=20, max_segment=40, captioned_videos=0, workers=2)
+    split = root / "train_v2.0_raw"
+    w.write_prompt(root / "prompt.safetensors")
+    _truncate_mid_stream(split / "videos" / "video_0.mp4", keep=0.3)
+    ids_path = split / "segment_indices" / "segment_idx_1.bin"
+    ids = np.fromfile(ids_path, np.int32)
+    ids[10:13] = 999  # a 3-frame segment: shorter than a 9-frame clip
+    ids.tofile(ids_path)
+
+    steps, every, dp = 6, 2, 2
+    # the oracle: the clips each DP rank reads at each step, read here in one process
+    ds = WorldModel1XDataset(WorldModel1XConfig(str(split), clip_frames=9, size=(64, 64)),
+                             BadInputReport(announce=False))
+    per_step = [Counter() for _ in range(steps)]
+    for rank in range(dp):
+        order = iter(DistributedClipSampler(len(ds), dp_rank=rank, dp_size=dp, seed=0))
+        for s in range(steps):
+            per_step[s].update(n.kind for n in ds[next(order)]["skipped"])
+    decode_errors = sum(c["decode_error"] for c in per_step)
+    assert decode_errors > 0 and set().union(*per_step) == {"decode_error"}  # the set-up does what it means to
+    capfd.readouterr()
+
+    results = run_distributed(w.train, dp, w.tiny_overrides(split, tmp_path / "run", **{
+        "run.steps": steps, "logging.every": every, "data.num_workers": 2, "parallel.tp": 1, "parallel.cp": 1}),
+        False)
+    out, err = capfd.readouterr()
+    text = out + err
+    video, segments = str(split / "videos" / "video_0.mp4"), str(ids_path)
+    for kind, path in (("decode_error", video), ("short_segment", segments)):
+        assert text.count(f"[{kind}] {path}") == 1, (kind, text)
+    assert "bad input found by the data's checks at start: short_segment 1" in text
+    for end in range(every, steps + 1, every):
+        counts = sum(per_step[end - every:end], Counter())
+        line = (f"step {end}: skipped {sum(counts.values())} bad input{'s' if sum(counts.values()) > 1 else ''} "
+                f"since step {end - every} (decode_error {counts['decode_error']})")
+        assert (line in text) == bool(counts), (line, text)
+    assert (f"bad input in this run: {decode_errors + 1} in 2 files (decode_error {decode_errors} in 1 file, "
+            f"short_segment 1 in 1 file)") in text, text
+    assert results[0]["result"]["bad_input"] == {"decode_error": decode_errors, "short_segment": 1}

@@ -2,6 +2,11 @@
 precompute that skips finished shards, and a 2-rank spatially sharded run equal to one process."""
 
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +19,8 @@ from megawan.testing import run_distributed
 from megawan.tools.make_sample_data import make_sample_data
 from megawan.tools.precompute import main as precompute_main
 from megawan.tools.precompute import precompute
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +138,53 @@ def test_two_vae_groups_split_the_shards_and_store_bf16_by_default(assets, tmp_p
         # bf16 compute and storage: a few bf16 roundings (2^-8 relative) through the tiny VAE
         assert torch.allclose(sample["latents"].float(), direct, rtol=0.05, atol=0.05 * direct.abs().max())
 
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_cache_files_get_the_umasks_mode(assets, tmp_path, mask):
+    """Shards and the empty-prompt embedding get the mode the umask gives every other file (0644 under umask
+    022), not safetensors' 0600: a cache is shared by the users of a cluster."""
+    root, vae, text = assets
+    old = os.umask(mask)
+    try:
+        precompute(world_model_source(root), tmp_path / "c", vae=vae, text_encoder=text, samples_per_shard=2,
+                   max_samples=3, progress=False)
+    finally:
+        os.umask(old)
+    files = sorted(p for p in (tmp_path / "c").rglob("*") if p.is_file())
+    assert {p.name for p in files} >= {"empty_prompt.safetensors", "shard_00000.safetensors",
+                                       "shard_00001.safetensors", "index.json", "cache_config.json"}
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(0o666 & ~mask) for p in files}
+
+
+# Third-party notices a precompute rank used to print (each once per rank): megatron-core's pure-torch
+# fallbacks, torchao's optional kernels and Triton, torch's pytree deprecation of torchao's enums, and
+# transformers' weight-loading bar.
+THIRD_PARTY = ("Transformer Engine and Apex are not installed", "torchao", "Detected no triton",
+               "is an Enum subclass", "Loading weights: 100%")
+
+
+def _normalised(line: str) -> str:
+    """A stderr line without what differs between ranks: torch's "[rankN]:" prefix and glog-style header."""
+    line = re.sub(r"^\[rank\d+\]:", "", line)
+    return re.sub(r"^[WEI]\d{4} [\d:.]+ \d+ ", "", line)
+
+
+def test_a_two_rank_precompute_prints_no_notice_twice(assets, tmp_path):
+    """torchrun, 2 ranks: each third-party notice at most once in stderr, and no stderr line twice (one rank
+    would otherwise repeat every notice the other prints)."""
+    root, _, _ = assets
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "megawan.tools.precompute", *_cli_args(root), "--dtype", "float32",
+                          "--out", str(tmp_path / "c")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "7 samples in 3 shards" in run.stdout
+    lines = [_normalised(line) for line in run.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    for notice in THIRD_PARTY:
+        assert sum(notice in line for line in lines) <= 1, (notice, run.stderr)
+    repeated = {line for line in lines if lines.count(line) > 1}
+    assert not repeated, run.stderr

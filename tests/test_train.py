@@ -237,14 +237,26 @@ def test_an_fp8_run_tracks_the_bf16_loss_curve_and_resumes_as_bf16(data_root, tm
     assert back["result"]["step"] == 6 and abs(back["losses"][-1] - ref["losses"][-1]) <= 0.05 * ref["losses"][-1]
 
 
-def test_in_training_rollouts_are_scored_and_logged(data_root, tmp_path):
+def test_in_training_rollouts_are_scored_and_logged(data_root, tmp_path, capfd):
     """validation.rollout_every: the world model is rolled out on held-out clips and scored (PSNR / SSIM beside
-    the copy-last-frame baseline) into metrics.jsonl and TensorBoard, with its contact sheet."""
+    the copy-last-frame baseline) into metrics.jsonl and TensorBoard, with its contact sheet. Validation and
+    rollouts show their progress as training does (output not a terminal: a line when each starts and when it
+    ends, with the rate)."""
     over = w.tiny_overrides(data_root, tmp_path / "run", **{
         "run.steps": 2, "parallel.tp": 1, "parallel.cp": 1, "logging.tensorboard": True,
         "validation.root": str(data_root.parent / "val_v2.0_raw"), "validation.rollout_every": 2,
-        "validation.rollout_clips": 1, "validation.rollout_steps": 2})
+        "validation.rollout_clips": 1, "validation.rollout_steps": 2,
+        "validation.every": 2, "validation.num_clips": 2, "logging.progress_bar": True})
+    capfd.readouterr()
     run_distributed(w.train, 1, over, False)
+    out, err = capfd.readouterr()
+    for line in ("validation clips (read and encoded once): 0/2 clips (0%)", "step 2 validation: 0/2 clips (0%)",
+                 "step 2 rollout: 0/"):
+        assert line in out + err, (line, out, err)
+    rate = r", [\d.]+ (s/clip|clips/s)"
+    assert re.search(r"^validation clips \(read and encoded once\): 2/2 clips \(100%\)" + rate, out, re.M), out
+    assert re.search(r"^step 2 validation: 2/2 clips \(100%\)" + rate, out, re.M), out
+    assert re.search(r"^step 2 rollout: (\d+)/\1 rollouts \(100%\), [\d.]+ (s/rollout|rollouts/s)", out, re.M), out
     records = [json.loads(line) for line in open(tmp_path / "run" / "logs" / "metrics.jsonl")]
     rollouts = [r for r in records if r["kind"] == "rollout"]
     assert len(rollouts) == 1 and rollouts[0]["step"] == 2 and rollouts[0]["num_clips"] == 1

@@ -52,7 +52,7 @@ class CaptionedVideoFolder(torch.utils.data.Dataset):
     """Item i: a clip of video i with its caption. A video too short for a clip or failing to decode is
     reported and replaced by the next one (policy "skip") or raises (policy "raise")."""
 
-    def __init__(self, config: CaptionedFolderConfig):
+    def __init__(self, config: CaptionedFolderConfig, report: BadInputReport | None = None):
         check_clip_frames(config.clip_frames)
         self.config = config
         self.root = Path(config.root)
@@ -64,7 +64,7 @@ class CaptionedVideoFolder(torch.utils.data.Dataset):
         if not self.items:
             raise ValueError(f"{captions} lists no videos")
         self.backend = resolve_backend(config.backend)
-        self.report = BadInputReport(config.bad_input)
+        self.report = report if report is not None else BadInputReport(config.bad_input)
         self.span = clip_span(config.clip_frames, config.frame_stride)
 
     def __len__(self) -> int:

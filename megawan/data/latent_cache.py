@@ -21,9 +21,8 @@ from pathlib import Path
 import torch
 import torch.utils.data
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from megawan.utils import atomic_path
+from megawan.utils import atomic_path, save_safetensors
 from megawan.data.text_encoder import TEXT_LENGTH, pad_text_embedding
 
 INDEX = "index.json"
@@ -42,8 +41,9 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    """Write ``path`` whole or not at all, with the umask's file mode (a cache is shared, like a checkpoint)."""
     with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        save_safetensors({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
 
 
 def check_or_write_config(root: Path, config: dict) -> None:

@@ -2,7 +2,9 @@
 
 Decoding runs in loader workers; ``timeout_s`` turns a hung worker into an error instead of a hung job
 (a worker that dies is reported by the DataLoader itself). Bad-input counts from the dataset's own checks
-and from the workers (they travel inside batches) add up in ``skip_counts``.
+and from the workers (their notices travel inside batches) add up in ``skip_counts``; the notices of the
+batches handed out are kept in ``tally`` and, when the dataset's report announces, each file is named once
+here, in the main process, however many workers met it.
 
 GPU decoding (PyNvVideoCodec): each rank decodes on its own GPU, ``decode_device`` (default: this
 process's current CUDA device, which ``parallel_state.initialize`` sets to the rank's): the workers are
@@ -20,6 +22,7 @@ from collections import Counter
 import torch
 import torch.utils.data
 
+from megawan.data.bad_input import BadInput, BadInputTally, count_by_kind
 from megawan.data.sampler import DistributedClipSampler
 
 
@@ -29,16 +32,14 @@ def _decode_on(device: torch.device, worker_id: int) -> None:
 
 
 def collate_samples(samples: list[dict]) -> dict:
-    """Stack tensors, turn ints into int64 tensors, keep strings as lists, merge the skip lists.
+    """Stack tensors, turn ints into int64 tensors, keep strings as lists, join the skipped inputs' notices.
 
     In a loader worker, CUDA tensors (GPU-decoded frames) are moved to the CPU: only CPU tensors cross
     the worker boundary."""
     if torch.utils.data.get_worker_info() is not None:
         samples = [{k: v.cpu() if isinstance(v, torch.Tensor) and v.is_cuda else v for k, v in s.items()}
                    for s in samples]
-    batch: dict = {"num_samples": len(samples), "skipped": Counter()}
-    for sample in samples:
-        batch["skipped"].update(sample.get("skipped", ()))
+    batch: dict = {"num_samples": len(samples), "skipped": [n for s in samples for n in s.get("skipped", ())]}
     for key in samples[0]:
         if key == "skipped":
             continue
@@ -79,7 +80,9 @@ class ClipLoader:
             multiprocessing_context=multiprocessing_context if num_workers > 0 else None,
             worker_init_fn=worker_init if num_workers > 0 else None,
         )
-        self.skip_counts: Counter[str] = Counter(getattr(getattr(dataset, "report", None), "counts", {}))
+        self.report = getattr(dataset, "report", None)
+        self.skip_counts: Counter[str] = Counter(getattr(self.report, "counts", {}))
+        self.tally = BadInputTally()  # what the batches handed out skipped (not the construction checks)
         self._position = sampler.offset
 
     def __len__(self) -> int:
@@ -91,7 +94,7 @@ class ClipLoader:
         try:
             for batch in self._batches():
                 self._position += batch["num_samples"]
-                self.skip_counts.update(batch.pop("skipped"))
+                self._count_skipped(batch.pop("skipped"))
                 yield batch
             finished = True
         finally:
@@ -100,6 +103,13 @@ class ClipLoader:
             else:  # the caller stopped early: the next loop continues where it stopped
                 self.sampler.offset = self._position
             self._position = self.sampler.offset
+
+    def _count_skipped(self, notices: list[BadInput]) -> None:
+        self.skip_counts.update(count_by_kind(notices))
+        for notice in notices:
+            self.tally.add(notice)
+            if self.report is not None:
+                self.report.name_once(notice)  # once per file (a report that does not announce: never)
 
     def _batches(self):
         try:

@@ -30,7 +30,8 @@ import torch.distributed as dist
 
 from megawan.evaluation.metrics import finite_mean, psnr, ssim
 from megawan.pipelines.pipeline import WORLD_MODEL_CONTEXT, Request, WanSampler
-from megawan.pipelines.sampling import Progress, SamplingConfig
+from megawan.pipelines.sampling import SamplingConfig
+from megawan.progress import ProgressLine
 from megawan.pipelines.video_out import decode_frames, to_uint8
 
 METRICS = ("psnr_last", "psnr_mean", "ssim_last", "ssim_mean")
@@ -127,7 +128,7 @@ def check_conditions(conditions: tuple[str, ...], state_dim: int, num_clips: int
 
 def evaluate_rollouts(model, vae, clips, groups, *, text: torch.Tensor | None = None,
                       config: SamplingConfig = ROLLOUT_SAMPLING, context_frames: int = WORLD_MODEL_CONTEXT,
-                      seed: int = 0, null_text: torch.Tensor | None = None, progress: bool = False,
+                      seed: int = 0, null_text: torch.Tensor | None = None, progress=False,
                       conditions=("true",), shift_frames: int = 1, hz: float = 30.0) -> dict:
     """Roll the world model out on ``clips`` and score it against the truth and the copy-last-frame baseline.
 
@@ -145,6 +146,9 @@ def evaluate_rollouts(model, vae, clips, groups, *, text: torch.Tensor | None = 
             state-conditioned model ("swapped" also two clips or more).
         shift_frames: the delay of the "shifted" condition, in video frames.
         hz: frames per second of the clips, for the contact sheet's column labels.
+        progress: True for rank 0's progress (megawan.progress.ProgressLine: a bar on a terminal, a timed line
+            elsewhere), or a function of the number of rollouts on this rank returning the ProgressLine to use
+            (the trainer's, set up like its training progress).
     Returns (same on every rank): {metric: mean over clips} for METRICS, LATENT_METRICS and their "baseline_"
         twins; "<condition>_<metric>" for every other condition; "num_clips"; "per_clip" [{metric: value}]
         (true states); "conditions" {condition: {metric: mean}}; and "contact_sheet": uint8 [3, H', W'], the
@@ -160,7 +164,12 @@ def evaluate_rollouts(model, vae, clips, groups, *, text: torch.Tensor | None = 
     clean = (context_frames - 1) // 4 + 1
     mine = list(range(groups.dp_rank, len(clips), groups.dp))
     results, sheet = {}, None
-    bar = Progress(len(mine) * len(conditions), "rollouts", enabled=progress)
+    total = len(mine) * len(conditions)
+    if callable(progress):
+        bar = progress(total)
+    else:
+        rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        bar = ProgressLine(total, desc="rollouts", unit="rollout", enabled=bool(progress) and rank0, start_line=True)
     try:
         for n, i in enumerate(mine):
             clip = clips[i]
@@ -187,6 +196,7 @@ def evaluate_rollouts(model, vae, clips, groups, *, text: torch.Tensor | None = 
             if i == 0:
                 sheet = _labelled_sheet(rows, true_uint8, context_frames, hz)
     finally:
+        bar.close()
         model.train(was_training)
     if dist.is_initialized() and groups.dp > 1:
         every = [None] * groups.dp

@@ -20,7 +20,9 @@ import sys
 import warnings
 from pathlib import Path
 
-warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+from megawan.notices import quiet_known_notices  # noqa: E402
+
+quiet_known_notices()  # megatron-core's import-time notices, once per rank otherwise
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402

@@ -21,29 +21,34 @@ import logging
 import math
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-from tqdm import tqdm
+from megawan.notices import quiet_known_notices
 
-from megawan import parallel_state
-from megawan.data.captioned_folder import CaptionedFolderConfig, CaptionedVideoFolder
-from megawan.data.latent_cache import (EMPTY_PROMPT, check_or_write_config, save_tensors_atomic, shard_name,
-                                       write_index)
-from megawan.data.text_encoder import UMT5TextEncoder
-from megawan.data.world_model_1x import WorldModel1XConfig, WorldModel1XDataset
-from megawan.vae import WanVAE38
+quiet_known_notices()  # before megatron-core and torchao are imported: their notices would come once per rank
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from megawan import parallel_state  # noqa: E402
+from megawan.data.bad_input import BadInputReport  # noqa: E402
+from megawan.data.captioned_folder import CaptionedFolderConfig, CaptionedVideoFolder  # noqa: E402
+from megawan.data.latent_cache import (EMPTY_PROMPT, check_or_write_config, save_tensors_atomic,  # noqa: E402
+                                       shard_name, write_index)
+from megawan.data.text_encoder import UMT5TextEncoder  # noqa: E402
+from megawan.data.world_model_1x import WorldModel1XConfig, WorldModel1XDataset  # noqa: E402
+from megawan.vae import WanVAE38  # noqa: E402
 
 logger = logging.getLogger("megawan.precompute")
 
 
-def build_source(args):
+def build_source(args, report: BadInputReport | None = None):
     if args.source == "1x":
         return WorldModel1XDataset(WorldModel1XConfig(
             root=args.data, clip_frames=args.clip_frames, frame_stride=args.frame_stride,
-            window_hop=args.window_hop, size=args.size, backend=args.backend, bad_input=args.bad_input))
+            window_hop=args.window_hop, size=args.size, backend=args.backend, bad_input=args.bad_input), report)
     return CaptionedVideoFolder(CaptionedFolderConfig(
         root=args.data, size=args.size or (704, 1280), clip_frames=args.clip_frames,
-        frame_stride=args.frame_stride, backend=args.backend, bad_input=args.bad_input))
+        frame_stride=args.frame_stride, backend=args.backend, bad_input=args.bad_input), report)
 
 
 def _stack(samples: list[dict], key: str) -> torch.Tensor:
@@ -144,9 +149,14 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> None:
-    logging.basicConfig(level=logging.INFO)
     args = parse_args(argv)
     env = parallel_state.launch_env()
+    # rank 0 tells what happens; the others only what goes wrong on them
+    logging.basicConfig(level=logging.INFO if env["rank"] == 0 else logging.WARNING)
+    if env["rank"] != 0:  # transformers' weight-loading bar, the same on every rank
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     vae_group, device = None, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if env["world_size"] > 1:
         groups = parallel_state.initialize(1, 1, vae_shards=args.vae_shards, num_heads=None)
@@ -154,7 +164,9 @@ def main(argv=None) -> None:
     elif args.vae_shards != 1:
         raise ValueError("--vae-shards > 1 needs several ranks (torchrun or srun)")
     dtype = getattr(torch, args.dtype)
-    dataset = build_source(args)
+    # every rank runs the same construction checks: rank 0 names each bad file (once); every rank's counts
+    # come in its closing line
+    dataset = build_source(args, BadInputReport(args.bad_input, announce=env["rank"] == 0))
     vae = WanVAE38.from_pretrained(args.vae, dtype=dtype, device=device)
     text_encoder = UMT5TextEncoder(args.text_encoder, args.tokenizer, dtype=dtype, device=device)
     config = {k: v for k, v in vars(args).items() if k not in ("out", "max_samples", "batch_size", "backend")}

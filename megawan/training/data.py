@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from megawan.data.bad_input import BadInputReport
 from megawan.data.latent_cache import EMPTY_PROMPT, LatentCacheDataset
 from megawan.data.loader import ClipLoader
 from megawan.data.sampler import DistributedClipSampler
@@ -69,14 +70,15 @@ def build_vae(data_cfg, device) -> WanVAE38:
     return load_vae(data_cfg.vae, device)
 
 
-def build_dataset(data_cfg, root: str | None = None):
+def build_dataset(data_cfg, root: str | None = None, report: BadInputReport | None = None):
+    """The dataset of ``data_cfg`` (or of ``root``); a 1X one sends its bad input to ``report`` if given."""
     root = root or data_cfg.root
     if data_cfg.source == "cache":
         return LatentCacheDataset(root)
     return WorldModel1XDataset(WorldModel1XConfig(
         root=root, clip_frames=data_cfg.clip_frames, frame_stride=data_cfg.frame_stride,
         window_hop=data_cfg.window_hop, size=tuple(data_cfg.size) if data_cfg.size else None,
-        backend=data_cfg.backend, bad_input=data_cfg.bad_input))
+        backend=data_cfg.backend, bad_input=data_cfg.bad_input), report)
 
 
 class MemoisedClips(torch.utils.data.Dataset):
@@ -115,7 +117,10 @@ class TrainingData:
 
     def __init__(self, data_cfg, groups, *, text_dim: int, text_len: int, seed: int, with_states: bool):
         self.cfg, self.groups, self.with_states = data_cfg, groups, with_states
-        self.dataset = build_dataset(data_cfg)
+        # the run's bad input (every dataset the trainer opens reports here): nothing is printed per process,
+        # the trainer tells it once for the job (megawan.training.bad_input_log)
+        self.report = BadInputReport(data_cfg.bad_input, announce=False)
+        self.dataset = build_dataset(data_cfg, report=self.report)
         self.memo: dict | None = {} if data_cfg.memo_latents and data_cfg.source == "1x" else None
         self.sampler = DistributedClipSampler(len(self.dataset), dp_rank=groups.dp_rank, dp_size=groups.dp,
                                               seed=seed)

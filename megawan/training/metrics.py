@@ -57,6 +57,7 @@ class MetricsLogger:
     def __init__(self, log_dir: Path, *, enabled: bool, total_steps: int, start_step: int, every: int,
                  tensorboard: bool, progress_bar: bool, progress_every_s: float = 30.0):
         self.enabled, self.every = enabled, max(1, every)
+        self.progress_bar, self.progress_every_s = progress_bar, progress_every_s
         self.writer = self.progress = self.file = None
         if not enabled:
             return
@@ -74,6 +75,12 @@ class MetricsLogger:
         self.progress = ProgressLine(total_steps, initial=start_step, desc="train", unit="step",
                                      every_s=progress_every_s, enabled=progress_bar, bar=None)
         self._t0 = time.monotonic()
+
+    def task_progress(self, total: int, desc: str, unit: str) -> ProgressLine:
+        """Progress of a task inside a step (validation, rollouts), shown like the training's (a bar on a terminal,
+        a timed line elsewhere, the first at once) on rank 0 only; ``close()`` it when the task ends."""
+        return ProgressLine(total, desc=desc, unit=unit, every_s=self.progress_every_s,
+                            enabled=self.enabled and self.progress_bar, start_line=True, leave=False)
 
     def log(self, step: int, metrics: dict, kind: str = "train") -> None:
         if not self.enabled:

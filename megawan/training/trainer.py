@@ -37,7 +37,9 @@ from megawan.diffusion import (apply_text_dropout, clean_frame_counts, flow_matc
 from megawan.models.dit import DiTRuntime, WanDiT
 from megawan.models.dit_config import WanDiTConfig
 from megawan.parallel_state import ParallelLayout
+from megawan.progress import ProgressLine
 from megawan.training import checkpointing
+from megawan.training.bad_input_log import RunBadInputs
 from megawan.training.budget import dit_flops
 from megawan.training.preflight import (MemoryBudgetError, memory_check, memory_reserve,  # noqa: F401 (re-exported)
                                         model_config, tokens_per_sample)
@@ -187,6 +189,7 @@ class Trainer:
         self._rollout_clips: list | None = None
         self._rollout_vae = None
         self._open_evaluation_data()
+        self.bad_inputs = RunBadInputs(self.groups, shared=self.data.report.tally, loader=self.data.loader.tally)
 
     # ---- rank 0 decides, every rank follows -----------------------------------------------------
 
@@ -312,19 +315,21 @@ class Trainer:
         if vcfg.every:
             key = "validation.root" if vcfg.root else "data.root"
             try:
-                self._val_dataset = build_dataset(data_cfg, vcfg.root) if vcfg.root else self.data.dataset
+                self._val_dataset = build_dataset(data_cfg, vcfg.root, self.data.report) if vcfg.root else \
+                    self.data.dataset
                 if len(self._val_dataset) == 0:
                     raise ValueError("it holds no clips")
-                self._val_dataset[validation_clips(len(self._val_dataset), vcfg.num_clips)[0]]
+                self._evaluation_read(self._val_dataset, validation_clips(len(self._val_dataset), vcfg.num_clips)[0])
             except Exception as e:  # noqa: BLE001 - any failure to read it is a bad validation source
                 raise EvaluationDataError(f"validation.every={vcfg.every}: {key}={vcfg.root or data_cfg.root} "
                                           f"cannot be read for validation ({type(e).__name__}: {e})") from e
         if vcfg.rollout_every:
             root, why = rollout_root(self.cfg)
             try:
-                dataset = build_dataset(dataclasses.replace(data_cfg, source="1x"), root)
+                dataset = build_dataset(dataclasses.replace(data_cfg, source="1x"), root, self.data.report)
                 # raw clips (video + states) of the held-out split, read once and kept
-                self._rollout_clips = [dataset[i] for i in validation_clips(len(dataset), vcfg.rollout_clips)]
+                self._rollout_clips = [self._evaluation_read(dataset, i)
+                                       for i in validation_clips(len(dataset), vcfg.rollout_clips)]
                 if not self._rollout_clips:
                     raise ValueError("it holds no clips")
             except Exception as e:  # noqa: BLE001
@@ -338,6 +343,14 @@ class Trainer:
                                               f"and decode with data.vae={data_cfg.vae}, which does not exist "
                                               f"({e})") from e
             logger.info("rollouts: %d clip(s) from %s (%s)", len(self._rollout_clips), root, why)
+
+    def _evaluation_read(self, dataset, item: int) -> dict:
+        """``dataset[item]`` for validation or rollouts; what it skipped goes to the run's shared tally (every
+        rank reads the same items, so rank 0 counts them for the job)."""
+        sample = dataset[item]
+        for notice in sample.get("skipped", ()):
+            self.data.report.tally.add(notice)
+        return sample
 
     def _failures(self, error: str | None) -> list[tuple[int, str]]:
         """Collective: (rank, error) of every rank whose ``error`` is not None."""
@@ -386,6 +399,13 @@ class Trainer:
             logger.warning("step %d: %s failed: %s; training goes on", self.step, kind, message)
         self._log.log(self.step, {"error": message}, kind=f"{kind}_error")
 
+    def _task_progress(self, total: int, desc: str, unit: str) -> ProgressLine:
+        """Progress of a validation or rollout task, shown as the training loop's is (rank 0; none outside fit)."""
+        log = getattr(self, "_log", None)
+        if log is None:
+            return ProgressLine(total, desc=desc, unit=unit, enabled=False)
+        return log.task_progress(total, desc, unit)
+
     @contextlib.contextmanager
     def weights(self, which: str):
         """The model holds the trained weights ("raw") or the EMA's ("ema") inside the block (collective)."""
@@ -406,34 +426,38 @@ class Trainer:
             raise ValueError("validation needs validation.root, a held-out split (the training clips are not)")
         if self._val_cache is None:
             dataset = self._val_dataset if self._val_dataset is not None else \
-                build_dataset(self.cfg.data, vcfg.root)
+                build_dataset(self.cfg.data, vcfg.root, self.data.report)
             items = validation_clips(len(dataset), vcfg.num_clips)
             self._val_cache = []
-            for item in items:
-                raw = self._read_on_every_rank(lambda: dataset[item])
-                raw = {k: (v[None] if torch.is_tensor(v) else [v]) for k, v in raw.items() if k != "skipped"}
-                self._val_cache.append((item, self.data.to_batch(raw)))  # every rank: the VAE call is collective
+            with self._task_progress(len(items), "validation clips (read and encoded once)", "clip") as progress:
+                for item in items:
+                    raw = self._read_on_every_rank(lambda: self._evaluation_read(dataset, item))
+                    raw = {k: (v[None] if torch.is_tensor(v) else [v]) for k, v in raw.items() if k != "skipped"}
+                    self._val_cache.append((item, self.data.to_batch(raw)))  # every rank: the VAE call is collective
+                    progress.update(len(self._val_cache))
         with self.weights(weights):
             self.model.eval()
             try:
-                out = self._validation_losses()
+                out = self._validation_losses(_eval_kind("validation", weights))
             finally:
                 self.model.train()
         return out
 
-    def _validation_losses(self) -> dict:
+    def _validation_losses(self, kind: str) -> dict:
         vcfg = self.cfg.validation
         sums = torch.zeros(len(vcfg.sigmas), device=self.groups.device)
         count = 0
-        for k, (item, batch) in enumerate(self._val_cache):
-            if k % self.groups.dp != self.groups.dp_rank:
-                continue
-            clean = torch.full((batch.size,), self.cfg.objective.clean_frames, dtype=torch.int64)
-            for j, s in enumerate(vcfg.sigmas):
-                gen = torch.Generator().manual_seed(_derive_seed(vcfg.seed, item, j))
-                noise = torch.randn(batch.latents.shape, generator=gen)
-                sums[j] += self.loss(batch, torch.full((batch.size,), float(s)), clean, noise, batch.text)
-            count += 1
+        mine = [(item, batch) for k, (item, batch) in enumerate(self._val_cache)
+                if k % self.groups.dp == self.groups.dp_rank]
+        with self._task_progress(len(mine), f"step {self.step} {kind}", "clip") as progress:
+            for item, batch in mine:
+                clean = torch.full((batch.size,), self.cfg.objective.clean_frames, dtype=torch.int64)
+                for j, s in enumerate(vcfg.sigmas):
+                    gen = torch.Generator().manual_seed(_derive_seed(vcfg.seed, item, j))
+                    noise = torch.randn(batch.latents.shape, generator=gen)
+                    sums[j] += self.loss(batch, torch.full((batch.size,), float(s)), clean, noise, batch.text)
+                count += 1
+                progress.update(count)
         counts = torch.tensor([float(count)], device=sums.device)
         dist.all_reduce(sums, group=self.groups.dp_group)
         dist.all_reduce(counts, group=self.groups.dp_group)
@@ -459,8 +483,9 @@ class Trainer:
             raise ValueError("rollouts need validation.root, a held-out 1X split (the training clips are not)")
         if self._rollout_clips is None:  # raw clips (video + states) of the held-out split, read once
             def read():
-                dataset = build_dataset(dataclasses.replace(data_cfg, source="1x"), rollout_root(self.cfg)[0])
-                return [dataset[i] for i in validation_clips(len(dataset), vcfg.rollout_clips)]
+                dataset = build_dataset(dataclasses.replace(data_cfg, source="1x"), rollout_root(self.cfg)[0],
+                                        self.data.report)
+                return [self._evaluation_read(dataset, i) for i in validation_clips(len(dataset), vcfg.rollout_clips)]
 
             self._rollout_clips = self._read_on_every_rank(read)
         if self._rollout_vae is None:  # the training data's VAE, or (latent cache) one loaded once and kept
@@ -473,7 +498,9 @@ class Trainer:
                                        text=self.data.empty_text,
                                        config=SamplingConfig(steps=vcfg.rollout_steps, guidance=1.0),
                                        context_frames=self.rollout_context_frames(), seed=vcfg.seed,
-                                       conditions=conditions)
+                                       conditions=conditions,
+                                       progress=lambda total: self._task_progress(
+                                           total, f"step {self.step} {_eval_kind('rollout', weights)}", "rollout"))
         if self.rank == 0:
             suffix = "" if weights == "raw" else f"_{weights}"
             write_rollout_sheet(result, self.out_dir / "rollouts" / f"step_{self.step:08d}{suffix}.png")
@@ -596,6 +623,8 @@ class Trainer:
             log.message(f"validation: held-out clips of {cfg.validation.root} (never the training data), scoring "
                         f"the {' and '.join('EMA' if w == 'ema' else 'trained' for w in evaluated_weights(cfg))} "
                         f"weights")
+        for line in self.bad_inputs.lines(self.step, at_start=True):  # the construction checks, named once
+            log.message(line)
         batches = self.data.batches()
         preempted = stopped_early = False
         last: dict = {}
@@ -617,6 +646,9 @@ class Trainer:
                 last = self._step_metrics(metrics, seconds, sum(b.size for b in micro) * self.groups.dp)
                 last["skipped_inputs"] = sum(self.data.skip_counts.values())
                 log.log(self.step, last)
+                if self.step % max(1, cfg.logging.every) == 0:  # collective: every rank is at this step
+                    for line in self.bad_inputs.lines(self.step):
+                        log.message(line)
                 # the step's checkpoint first: what follows (validation, rollouts) may take long or fail
                 final = self.step >= cfg.run.steps or (
                     cfg.run.exit_after_steps and self.step - first_step >= cfg.run.exit_after_steps)
@@ -637,6 +669,9 @@ class Trainer:
             # a rerun of a finished run does nothing: its newest checkpoint stays the answer
             if saved_at != self.step and (self.step > first_step or resumed is None):
                 path, saved_at = self.save(), self.step
+            for line in self.bad_inputs.lines(self.step) + [self.bad_inputs.summary()]:
+                if line:
+                    log.message(line)
         finally:
             log.close()
         curves = write_training_curves(self.out_dir, cfg.run.name) if self.rank == 0 else None
@@ -646,4 +681,5 @@ class Trainer:
             print(f"preempted: {what}; rerun the same command to resume (stop requested by {self.stop.signal_name})",
                   flush=True)
         return {"step": self.step, "checkpoint": str(path) if path else None, "preempted": preempted,
-                "stopped_early": stopped_early, "curves": curves, **last}
+                "stopped_early": stopped_early, "curves": curves, **last,
+                "bad_input": dict(self.bad_inputs.total)}  # the job's, by kind (rank 0; {} elsewhere)

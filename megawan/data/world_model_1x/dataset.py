@@ -34,7 +34,7 @@ class WorldModel1XConfig:
     size: tuple[int, int] | None = None  # (h, w) to resize + centre-crop to; None keeps 512x512
     backend: str = "auto"  # decoder: auto | pynvvideocodec | torchcodec | pyav | decord
     decode_threads: int = 1  # per reader; loader workers give the parallelism
-    bad_input: BadInputPolicy = "skip"  # skip (log + count) or raise
+    bad_input: BadInputPolicy = "skip"  # skip (name each file once + count) or raise
     max_retries: int = 8  # bad clips replaced in a row before giving up
     max_open_videos: int = 4  # readers kept open per worker (each holds an index of its shard)
 
@@ -60,12 +60,14 @@ class WorldModel1XDataset(torch.utils.data.Dataset):
     NaN state rows. A clip that fails to decode is reported and replaced by another clip.
     """
 
-    def __init__(self, config: WorldModel1XConfig):
+    def __init__(self, config: WorldModel1XConfig, report: BadInputReport | None = None):
+        """``report``: where bad input goes (e.g. one shared by the datasets of a trainer); by default this
+        dataset's own, with ``config.bad_input`` as its policy."""
         check_clip_frames(config.clip_frames)
         if config.frame_stride < 1 or config.window_hop < 1:
             raise ValueError("frame_stride and window_hop must be >= 1")
         self.config = config
-        self.report = BadInputReport(config.bad_input)
+        self.report = report if report is not None else BadInputReport(config.bad_input)
         self.backend = resolve_backend(config.backend)
         self.span = clip_span(config.clip_frames, config.frame_stride)
         shards, self.hz = discover_shards(config.root)
