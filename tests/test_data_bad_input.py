@@ -196,3 +196,25 @@ def test_a_training_run_names_each_bad_file_once_then_counts(tmp_path, capfd):
     assert (f"bad input in this run: {decode_errors + 1} in 2 files (decode_error {decode_errors} in 1 file, "
             f"short_segment 1 in 1 file)") in text, text
     assert results[0]["result"]["bad_input"] == {"decode_error": decode_errors, "short_segment": 1}
+
+
+
+@pytest.mark.parametrize("num_clips", [120, 7918, 7920, 1000, 37])
+def test_a_bad_stretch_is_left_behind_whatever_the_dataset_size(split, monkeypatch, num_clips):
+    """A damaged stretch of consecutive clips (a video truncated half-way) is replaced by a good clip within the
+    retries, for any number of clips: the retries hop across the dataset, never clip by clip (the fixed stride
+    of 7919 it had is -1 clip modulo 120 and +1 modulo 7918: it walked through the damage clip by clip)."""
+    ds = build(split, max_retries=3)
+    bad = set(range(num_clips // 2 - num_clips // 8, num_clips // 2 + num_clips // 8))
+
+    def load_clip(i):
+        assert 0 <= i < num_clips
+        if i in bad:
+            raise BadInputError("decode_error", "video_1.mp4", i, "stream ended before this frame")
+        return {"clip": i}
+
+    monkeypatch.setattr(WorldModel1XDataset, "__len__", lambda self: num_clips)
+    monkeypatch.setattr(ds, "load_clip", load_clip)
+    for index in sorted(bad):
+        sample = ds[index]
+        assert sample["clip"] not in bad and sample["skipped"], index

@@ -19,6 +19,7 @@ Who says what, so that a bad file is named once and not once per occurrence, wor
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Literal
@@ -136,15 +137,27 @@ class BadInputReport:
             logger.warning("bad input (skipped; later ones of this file are only counted): %s", notice)
 
 
+def retry_stride(num_items: int) -> int:
+    """How far each retry of a bad item jumps: ~0.618 of the dataset (the golden ratio's fraction).
+
+    Damage comes in stretches of consecutive items (the clips of one truncated video), so a retry must
+    land far away, and so must the next ones, for every dataset size. Successive multiples of the
+    golden fraction spread out as evenly as any sequence can (none falls near an earlier one); a fixed
+    stride does not (7919 is -1 modulo 120: it walked through the damage one clip at a time).
+    """
+    return max(1, round(num_items * (math.sqrt(5) - 1) / 2))
+
+
 def load_with_replacement(load: Callable[[int], dict], index: int, num_items: int, report: BadInputReport,
-                          max_retries: int, stride: int = 1, what: str = "items") -> dict:
-    """``load(index)``, or, when that input is bad, the next good one ``stride`` items further on.
+                          max_retries: int, what: str = "items") -> dict:
+    """``load(index)``, or, when that input is bad, a good one elsewhere (jumps of ``retry_stride``).
 
     Each bad input goes through ``report`` (raise, or count); its notice travels with the sample under
     "skipped" (a list of ``BadInput``), so every data-parallel rank still yields a full batch and stays in step,
     and the process that receives the sample (from a loader worker or not) knows what was skipped.
     """
     skipped: list[BadInput] = []
+    stride = retry_stride(num_items)
     for attempt in range(max_retries + 1):
         try:
             sample = load((index + attempt * stride) % num_items)

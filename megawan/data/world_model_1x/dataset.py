@@ -20,11 +20,6 @@ from megawan.data.world_model_1x.layout import Shard1X, discover_shards
 
 logger = logging.getLogger("megawan.data")
 
-# Retries of a bad clip step through the dataset by this (prime) stride, so a damaged stretch of one
-# shard is left behind quickly and every rank still produces a sample each step.
-_RETRY_STRIDE = 7919
-
-
 @dataclass
 class WorldModel1XConfig:
     root: str  # a split folder: train_v2.0_raw (nested) or val_v2.0_raw (flat)
@@ -175,4 +170,4 @@ class WorldModel1XDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, clip: int) -> dict:
         return load_with_replacement(self.load_clip, clip, len(self), self.report, self.config.max_retries,
-                                     stride=_RETRY_STRIDE, what="clips")
+                                     what="clips")
