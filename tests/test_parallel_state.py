@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from megawan import parallel_state
 from megawan.parallel_state import LayoutError, ParallelLayout
@@ -183,6 +184,21 @@ def test_gloo_ranks_on_a_gpu_machine_get_the_cpu_stand_ins(monkeypatch):
         assert device == "cpu"
         assert gathered.device.type == "cpu"
         assert torch.equal(gathered, torch.cat([torch.zeros(2, 3), torch.ones(2, 3)]))
+
+
+def _timeout_seen():
+    parallel_state.initialize(backend="gloo")
+    backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+    return os.environ.get("MEGAWAN_DIST_TIMEOUT_S"), backend.options._timeout.total_seconds()
+
+
+def test_ranks_see_the_callers_environment_of_now(monkeypatch):
+    """Gloo ranks fork from a server started by an earlier test: they still get the caller's environment of
+    the moment, and MEGAWAN_DIST_TIMEOUT_S is read when a job starts (a dead-rank test shortens it)."""
+    monkeypatch.delenv("MEGAWAN_DIST_TIMEOUT_S", raising=False)
+    assert run_distributed(_timeout_seen, 2) == [(None, 600.0)] * 2
+    monkeypatch.setenv("MEGAWAN_DIST_TIMEOUT_S", "77")
+    assert run_distributed(_timeout_seen, 2) == [("77", 77.0)] * 2
 
 
 def test_nccl_request_without_enough_gpus_is_a_skip_that_names_the_shortfall(monkeypatch):
