@@ -30,12 +30,13 @@ quiet_known_notices()
 import torch  # noqa: E402
 
 from megawan import parallel_state  # noqa: E402
+from megawan.data.bad_input import BadInputReport  # noqa: E402
 from megawan.data.world_model_1x import WorldModel1XConfig, WorldModel1XDataset  # noqa: E402
 from megawan.evaluation.rollouts import LATENT_METRICS, METRICS, STATE_CONDITIONS, check_conditions, \
     evaluate_rollouts, write_rollout_sheet  # noqa: E402
 from megawan.models.dit import DiTRuntime, WanDiT  # noqa: E402
 from megawan.models.dit_config import WanDiTConfig  # noqa: E402
-from megawan.parallel_state.launch import user_errors  # noqa: E402
+from megawan.parallel_state.launch import launch_env, user_errors  # noqa: E402
 from megawan.parallel_state.layout import CP_IMPLS  # noqa: E402
 from megawan.vae.model import WanVAE38  # noqa: E402
 from megawan.pipelines.pipeline import check_size  # noqa: E402
@@ -51,7 +52,10 @@ class HeldOutClips:
     """``num_clips`` clips spread evenly over a 1X split, read only when indexed (each DP replica reads its own)."""
 
     def __init__(self, root, num_clips: int, frames: int = 77, size=None):
-        self.data = WorldModel1XDataset(WorldModel1XConfig(root=str(root), clip_frames=frames, size=size))
+        # every rank reads the split and counts what it skips; rank 0 alone names each bad file
+        report = BadInputReport(announce=launch_env()["rank"] == 0)
+        self.data = WorldModel1XDataset(WorldModel1XConfig(root=str(root), clip_frames=frames, size=size),
+                                        report=report)
         n = min(num_clips, len(self.data))
         self.indices = sorted({round(i * (len(self.data) - 1) / max(1, n - 1)) for i in range(n)})
 

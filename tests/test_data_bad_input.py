@@ -222,3 +222,20 @@ def test_a_bad_stretch_is_left_behind_whatever_the_dataset_size(split, monkeypat
     for index in sorted(bad):
         sample = ds[index]
         assert sample["clip"] not in bad and sample["skipped"], index
+
+
+@pytest.mark.parametrize("rank,named", [("0", 1), ("1", 0)])
+def test_evaluate_names_a_bad_file_from_rank_0_only(split, caplog, monkeypatch, rank, named):
+    """Every rank of `evaluate` reads the same split; only rank 0 names what it skipped (all ranks count it)."""
+    from megawan.evaluate import HeldOutClips
+
+    states_path = split / "robot_states" / "states_1.bin"
+    states = np.fromfile(states_path, np.float32).reshape(FRAMES, 25)
+    states[30, 4] = np.nan
+    states.tofile(states_path)
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with caplog.at_level("WARNING", logger="megawan.data"):
+        clips = HeldOutClips(split, num_clips=2, frames=5)
+    assert clips.data.report.counts["nan_states"] == 1
+    assert caplog.text.count("states_1.bin") == named, caplog.text
