@@ -201,6 +201,25 @@ def test_ranks_see_the_callers_environment_of_now(monkeypatch):
     assert run_distributed(_timeout_seen, 2) == [("77", 77.0)] * 2
 
 
+def _say_hello():
+    print(f"hello from rank {os.environ['RANK']}", flush=True)
+    print(f"and to stderr from rank {os.environ['RANK']}", file=sys.stderr, flush=True)
+
+
+@pytest.mark.parametrize("fresh", [False, True], ids=["forked", "spawned"])
+def test_what_ranks_print_reaches_the_callers_capture(capfd, fresh):
+    """A forked rank writes where the caller's stdout / stderr point now (here pytest's capfd), not where they
+    pointed when the fork server started (made sure of: the server starts, or already ran, outside capfd)."""
+    with capfd.disabled():
+        run_distributed(_say_hello, 1)
+    run_distributed(_say_hello, 2, fresh=fresh)
+    out, err = capfd.readouterr()
+    assert sorted(line for line in out.splitlines() if line.startswith("hello")) == \
+        ["hello from rank 0", "hello from rank 1"], out
+    assert sorted(line for line in err.splitlines() if line.startswith("and to")) == \
+        ["and to stderr from rank 0", "and to stderr from rank 1"], err
+
+
 def test_nccl_request_without_enough_gpus_is_a_skip_that_names_the_shortfall(monkeypatch):
     import unittest
 

@@ -9,7 +9,8 @@ A rank that raises or dies fails the call with its traceback or exit code; a han
 Gloo ranks start from a fork server that has already imported torch, megatron-core and megawan (each
 spawned rank would otherwise spend ~4 s of CPU importing them again: most of a small test's time on a
 2-core machine). Each rank is still a fresh process forked from that clean server, so nothing is shared
-between tests; it gets the caller's current environment. NCCL ranks are spawned: a process that has
+between tests; it gets the caller's current environment and writes to the caller's current stdout and stderr
+(pytest's capture of the test at hand), as a spawned rank would. NCCL ranks are spawned: a process that has
 touched CUDA must not be forked, and the fork server's imports may query CUDA. ``fresh=True`` spawns gloo
 ranks too, for a test that must control what a rank imports first (the fake Transformer Engine).
 """
@@ -23,6 +24,7 @@ import socket
 import time
 import traceback
 import unittest
+from multiprocessing import reduction
 
 import torch
 import torch.distributed as dist
@@ -65,10 +67,29 @@ def _context(backend: str, fresh: bool):
     return ctx
 
 
-def _worker(rank, world_size, port, backend, call, results, environ):
-    # A forked rank inherits the fork server's environment, frozen when it started: use the caller's.
+class _CallersFd:
+    """The caller's file descriptor ``fd`` as it is now, handed to a rank when the rank starts (a forked rank
+    would otherwise inherit the fork server's, i.e. wherever stdout / stderr went when the server started)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __reduce__(self):  # runs while the rank starts: the fd travels with it (duplicated, any start method)
+        return _received_fd, (reduction.DupFd(self.fd),)
+
+
+def _received_fd(dup) -> int:
+    return dup.detach()
+
+
+def _worker(rank, world_size, port, backend, call, results, environ, stdout_fd, stderr_fd):
+    # A forked rank inherits the fork server's environment and output, as of when it started: use the caller's.
     os.environ.clear()
     os.environ.update(environ)
+    for fd, target in ((stdout_fd, 1), (stderr_fd, 2)):
+        if fd != target:  # a spawned rank may receive them as the very same numbers
+            os.dup2(fd, target)
+            os.close(fd)
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), MEGAWAN_TEST_BACKEND=backend,
@@ -133,7 +154,8 @@ def run_distributed(fn, world_size: int, *args, timeout_s: float = 600, grace_s:
     torch.save((fn, args, kwargs), call)
     environ = dict(os.environ)
     procs = [ctx.Process(target=_worker, daemon=False,
-                         args=(r, world_size, port, backend, call.getvalue(), results, environ))
+                         args=(r, world_size, port, backend, call.getvalue(), results, environ,
+                               _CallersFd(1), _CallersFd(2)))
              for r in range(world_size)]
     for p in procs:
         p.start()
