@@ -10,7 +10,10 @@ rendered at 256 px and resized to --size like the data loader does). It is score
 data's held-out split (val_v2.0_raw, decoded from its mp4; made with the default arguments if absent):
 reconstruction PSNR before, during and after the fit, printed and written to fit.json beside the weights,
 with the PSNR after the fp16 rounding of the written weights. The latent normalisation (config.json's
-latents_mean / latents_std) is then set from the fitted encoder's statistics on freshly rendered clips.
+latents_mean / latents_std) is then set from the fitted encoder's statistics on freshly rendered clips. A fit continued from
+a folder (--init) records in its fit.json the chain of stages that folder's fit.json lists, then its own command.
+Use batch sizes >= 2: at batch 1 PyTorch runs these small 3-D convolutions through its slow reference kernel
+(2.3x the cost per clip, docs/vae.md).
 """
 
 from __future__ import annotations
