@@ -112,6 +112,47 @@ def test_vae_fit_improves_held_out_reconstruction():
     assert end >= start + 2.0, history
 
 
+def test_random_crops_are_aligned_windows_drawn_per_clip_from_the_seed():
+    """random_crops: one window per clip, the same in all its frames, at offsets that are multiples of 16 px (the
+    latent grid of the full frame), different clips different windows, the same seed the same windows."""
+    from megawan.vae.fit import random_crops
+
+    clips = torch.randn(16, 3, 5, 64, 80)
+    crops = random_crops(clips, 32, torch.Generator().manual_seed(3))
+    assert crops.shape == (16, 3, 5, 32, 32)
+    windows = []
+    for clip, crop in zip(clips, crops):
+        found = [(r, c) for r in range(0, 33, 16) for c in range(0, 49, 16)
+                 if torch.equal(clip[..., r:r + 32, c:c + 32], crop)]
+        assert len(found) == 1, found
+        windows += found
+    assert len(set(windows)) > 3, windows  # 12 possible windows, drawn independently per clip
+    assert torch.equal(random_crops(clips, 32, torch.Generator().manual_seed(3)), crops)
+    assert not torch.equal(random_crops(clips, 32, torch.Generator().manual_seed(4)), crops)
+    for bad in (24, 0, 96):
+        with pytest.raises(ValueError, match="multiple of 16"):
+            random_crops(clips, bad, torch.Generator())
+
+
+def test_fit_vae_cli_crops_and_chains_its_stages(sample_root, tmp_path):
+    """fit_vae --crop trains on windows and scores whole frames; a snapshot's fit.json and the final one carry
+    the chain of stages of their --init folder (the commands that reproduce the weights)."""
+    from megawan.tools.fit_vae import main
+    from megawan.vae.pretrained import FIT_REPORT, packaged_vae
+
+    common = ["--data", str(sample_root), "--size", "32", "--clip-frames", "5", "--held-out-frames", "5",
+              "--held-out-clips", "1", "--stats-clips", "2", "--batch-size", "2", "--threads", "1"]
+    first = main(common + ["--out", str(tmp_path / "a"), "--steps", "1", "--crop", "16"])
+    assert first["fit"]["crop"] == 16 and len(first["stages"]) == 1 and "--crop 16" in first["stages"][0]
+    second = main(common + ["--init", str(tmp_path / "a"), "--out", str(tmp_path / "b"), "--steps", "3",
+                            "--eval-every", "2", "--snapshot", str(tmp_path / "snap")])
+    snap = json.loads((tmp_path / "snap" / FIT_REPORT).read_text())
+    assert snap["snapshot_step"] == 2 and snap["stages"][0] == first["stages"][0]
+    assert "stopped after the step-2 snapshot" in snap["stages"][1]
+    assert second["stages"][0] == first["stages"][0] and "--steps 3" in second["stages"][1]
+    assert packaged_vae(tmp_path / "snap").config.latents_std != packaged_vae(tmp_path / "a").config.latents_std
+
+
 def test_latent_normalisation_from_the_fitted_encoder():
     """After set_latent_normalisation, encode() gives per-channel zero-mean unit-std latents on those clips,
     and decode(encode(x)) is unchanged (the normalisation is undone exactly)."""

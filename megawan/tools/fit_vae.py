@@ -10,7 +10,10 @@ rendered at 256 px and resized to --size like the data loader does). It is score
 data's held-out split (val_v2.0_raw, decoded from its mp4; made with the default arguments if absent):
 reconstruction PSNR before, during and after the fit, printed and written to fit.json beside the weights,
 with the PSNR after the fp16 rounding of the written weights. The latent normalisation (config.json's
-latents_mean / latents_std) is then set from the fitted encoder's statistics on freshly rendered clips.
+latents_mean / latents_std) is then set from the fitted encoder's statistics on freshly rendered clips. A fit continued from
+a folder (--init) records in its fit.json the chain of stages that folder's fit.json lists, then its own command.
+Use batch sizes >= 2: at batch 1 PyTorch runs these small 3-D convolutions through its slow reference kernel
+(2.3x the cost per clip, docs/vae.md).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 
 from megawan.data.transforms import frames_to_video
 from megawan.vae import WanVAE38, WanVAE38Config
-from megawan.vae.fit import (VAEFitConfig, fit, reconstruction_psnr, set_latent_normalisation,
+from megawan.vae.fit import (VAEFitConfig, fit, random_crops, reconstruction_psnr, set_latent_normalisation,
                              start_posterior_narrow)
 from megawan.vae.pretrained import FITTED_DIR, FIT_REPORT, packaged_vae
 
@@ -53,6 +56,16 @@ def held_out_clips(root, frames: int, size: int, count: int) -> list[torch.Tenso
     return [data[round(i * (len(data) - 1) / max(1, n - 1))]["video"] for i in range(n)]
 
 
+def earlier_stages(init) -> list[str]:
+    """The commands of the stages that made ``init``'s weights, oldest first (its fit.json's "stages"), without
+    packaging-only runs (--steps 0); [] for a fit from random weights or a folder without a fit.json."""
+    report = Path(init) / FIT_REPORT if init else None
+    if report is None or not report.is_file():
+        return []
+    stages = json.loads(report.read_text()).get("stages", [])
+    return [s for s in stages if "--steps 0" not in s and not s.startswith("this command")]
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = VAEFitConfig()
     p = argparse.ArgumentParser(prog="python -m megawan.tools.fit_vae", description=__doc__.split("\n\n")[0])
@@ -62,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample data folder whose val_v2.0_raw is the held-out split (made if absent)")
     p.add_argument("--size", type=int, default=64, help="frame size trained and scored (the tiny_1x preset's)")
     p.add_argument("--clip-frames", type=int, default=9, help="frames per training clip (4n + 1)")
+    p.add_argument("--crop", type=int, default=None,
+                   help="train on one random crop x crop window of each clip (a multiple of 16 px; default: whole "
+                        "frames); held-out scores stay on whole frames")
     p.add_argument("--held-out-frames", type=int, default=33, help="frames per held-out clip (4n + 1)")
     p.add_argument("--held-out-clips", type=int, default=8)
     p.add_argument("--stats-clips", type=int, default=64, help="rendered clips for the latent statistics")
@@ -88,6 +104,8 @@ def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     if (args.clip_frames - 1) % 4 or (args.held_out_frames - 1) % 4 or args.size % 16:
         raise SystemExit("--clip-frames and --held-out-frames must be 4n + 1 and --size a multiple of 16")
+    if args.crop is not None and (args.crop % 16 or not 16 <= args.crop <= args.size):
+        raise SystemExit(f"--crop must be a multiple of 16 px between 16 and --size {args.size}, got {args.crop}")
     if args.threads:
         torch.set_num_threads(args.threads)
     data = Path(args.data)
@@ -109,21 +127,33 @@ def main(argv=None) -> dict:
         start_posterior_narrow(vae, args.logvar_init)
 
     def batches(step: int) -> torch.Tensor:  # fresh clips every step, never the held-out split's
-        return rendered_clips(1_000_003 * (args.seed + 1) + step, args.batch_size, args.clip_frames, args.size)
+        seed = 1_000_003 * (args.seed + 1) + step
+        clips = rendered_clips(seed, args.batch_size, args.clip_frames, args.size)
+        return clips if args.crop is None else random_crops(clips, args.crop, torch.Generator().manual_seed(seed))
 
     stats_clips = list(rendered_clips(2**31 - 1 - args.seed, args.stats_clips, args.clip_frames, args.size))
     out = Path(args.out)
 
+    command = "python -m megawan.tools.fit_vae " + " ".join(sys.argv[1:] if argv is None else argv)
+    earlier = earlier_stages(args.init)
     copy_module = copy.deepcopy
 
-    def snapshot(step: int, model: WanVAE38) -> None:  # a usable VAE folder while the fit goes on
-        if args.snapshot and step < config.steps:
+    def snapshot(history: list[dict], model: WanVAE38) -> None:  # a usable VAE folder while the fit goes on
+        row = history[-1]
+        if args.snapshot and row["step"] < config.steps:
             copy = copy_module(model)
             set_latent_normalisation(copy, stats_clips[:8])
-            copy.to(DTYPES[args.dtype]).save_pretrained(Path(args.snapshot), layout="diffusers")
+            folder = Path(args.snapshot)
+            copy.to(DTYPES[args.dtype]).save_pretrained(folder, layout="diffusers")
+            # its fit.json: enough to continue from it (--init) and keep the chain of stages that made it
+            stage = (f"{command}, stopped after the step-{row['step']} snapshot "
+                     f"({history[0]['held_out_psnr']:.2f} -> {row['held_out_psnr']:.2f} dB held-out, {row['seconds']:.0f} s)")
+            (folder / FIT_REPORT).write_text(json.dumps(
+                {"command": command, "snapshot_step": row["step"], "held_out_psnr_fp32": row["held_out_psnr"],
+                 "stages": earlier + [stage]}, indent=1) + "\n")
 
     start = time.perf_counter()
-    history = fit(vae, batches, held_out, config, on_eval=snapshot)
+    history = fit(vae, batches, held_out, config, on_eval=snapshot, log=lambda line: print(line, flush=True))
     seconds = time.perf_counter() - start
     mean, std = set_latent_normalisation(vae, stats_clips)
 
@@ -131,8 +161,9 @@ def main(argv=None) -> dict:
     vae.to(DTYPES[args.dtype]).save_pretrained(out, layout="diffusers")
     saved = packaged_vae(out)  # read back as every user will: fp32 from the written dtype
     report = {
-        "command": "python -m megawan.tools.fit_vae " + " ".join(sys.argv[1:] if argv is None else argv),
-        "fit": {**vars(config), "clip_frames": args.clip_frames, "size": args.size, "init": args.init,
+        "command": command,
+        "fit": {**vars(config), "clip_frames": args.clip_frames, "crop": args.crop, "size": args.size,
+                "init": args.init,
                 "data": "clips rendered by megawan.tools.make_sample_data.render_clip (256 px, resized)"},
         "loss": "mean((decode(z) - x)^2) + kl_weight * mean(KL(q(z|x) || N(0, I))), z a posterior sample",
         "held_out": f"{len(held_out)} clips x {args.held_out_frames} frames at {args.size}x{args.size}, "
@@ -147,6 +178,9 @@ def main(argv=None) -> dict:
         "seconds": round(seconds, 1), "threads": torch.get_num_threads(),
         "machine": f"{platform.machine()}, torch {torch.__version__}",
         "history": history,
+        # every stage that made these weights, oldest first: the chain of --init folders' fit.json
+        "stages": earlier + [f"{command} ({history[0]['held_out_psnr']:.2f} -> {history[-1]['held_out_psnr']:.2f} "
+                             f"dB held-out in {config.steps} steps, {seconds:.0f} s)"],
     }
     (out / FIT_REPORT).write_text(json.dumps(report, indent=1) + "\n")
     print(f"held-out reconstruction PSNR: {report['held_out_psnr_start']:.2f} dB at the start -> "

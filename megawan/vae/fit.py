@@ -54,6 +54,23 @@ class VAEFitConfig:
         return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def random_crops(clips: torch.Tensor, crop: int, generator: torch.Generator) -> torch.Tensor:
+    """One random ``crop`` x ``crop`` window per clip of ``clips`` [B, 3, T, H, W] (the same window in every frame
+    of a clip, each clip its own, drawn from ``generator``): [B, 3, T, crop, crop].
+
+    Why: the VAE's convolutions are translation-equivariant, so a window trains the same weights on every frame
+    of the causal chain at a fraction of a full frame's cost. The windows' offsets are multiples of 16 px (the
+    VAE's spatial factor), so a window's latent grid is aligned with the full frame's. The mid block's spatial
+    attention sees a smaller field on a window: a fit should end on full frames.
+    """
+    h, w = clips.shape[-2:]
+    if crop % SPATIAL_FACTOR or not SPATIAL_FACTOR <= crop <= min(h, w):
+        raise ValueError(f"crop {crop} must be a multiple of {SPATIAL_FACTOR} px within the {h} x {w} frames")
+    rows = torch.randint(0, (h - crop) // SPATIAL_FACTOR + 1, (len(clips),), generator=generator) * SPATIAL_FACTOR
+    cols = torch.randint(0, (w - crop) // SPATIAL_FACTOR + 1, (len(clips),), generator=generator) * SPATIAL_FACTOR
+    return torch.stack([c[..., r:r + crop, q:q + crop] for c, r, q in zip(clips, rows.tolist(), cols.tolist())])
+
+
 def _whole_frame(video: torch.Tensor) -> SpatialPartition:
     return SpatialPartition.single(video.shape[3] // SPATIAL_FACTOR, video.shape[4] // SPATIAL_FACTOR)
 
@@ -136,11 +153,11 @@ def start_posterior_narrow(vae: WanVAE38, logvar: float) -> None:
 
 def fit(vae: WanVAE38, batches: Callable[[int], torch.Tensor], held_out: Sequence[torch.Tensor],
         config: VAEFitConfig = VAEFitConfig(), log: Callable[[str], None] | None = print,
-        on_eval: Callable[[int, WanVAE38], None] | None = None) -> list[dict]:
+        on_eval: Callable[[list[dict], WanVAE38], None] | None = None) -> list[dict]:
     """Train ``vae`` in place. ``batches(step)`` returns the step's clips [B, 3, T, H, W] in [-1, 1];
     ``held_out`` clips are scored (``reconstruction_psnr``, with the config's current normalisation) before the
-    first step, every ``eval_every`` steps and at the end, when ``on_eval(step, vae)`` is also called (e.g. to
-    write a snapshot). Returns the history: one dict per logged step."""
+    first step, every ``eval_every`` steps and at the end, when ``on_eval(history, vae)`` is also called with the
+    history so far, whose last row is that step's (e.g. to write a snapshot). Returns the history: one dict per logged step."""
     generator = torch.Generator().manual_seed(config.seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     history = [{"step": 0, "held_out_psnr": reconstruction_psnr(vae, held_out)}]
@@ -171,6 +188,6 @@ def fit(vae: WanVAE38, batches: Callable[[int], torch.Tensor], held_out: Sequenc
                 log(f"step {done}: loss {row['loss']:.5f} (mse {row['mse']:.5f}, kl {row['kl']:.3f}), "
                     f"held-out PSNR {row['held_out_psnr']:.2f} dB, lr {row['lr']:.2e}, {row['seconds']:.0f} s")
             if on_eval is not None:
-                on_eval(done, vae)
+                on_eval(history, vae)
     vae.eval().requires_grad_(False)
     return history

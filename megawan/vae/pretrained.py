@@ -2,8 +2,8 @@
 
     load_vae("tiny")          the tiny preset, randomly initialised (seed 0: the same on every rank and run)
     load_vae("tiny_sample")   the tiny VAE38 fitted to the sample world (package data: 2.7 M parameters, 5.2 MiB
-                              in fp16; held-out reconstruction 18.4 dB; made by ``python -m megawan.tools.fit_vae``,
-                              the commands in docs/vae.md; its fit.json records the fit)
+                              in fp16; made by ``python -m megawan.tools.fit_vae``; its fit.json records the
+                              held-out reconstruction PSNR and every stage's command, docs/vae.md the stages)
     load_vae(path)            Wan2.2_VAE.pth, a diffusers vae/ folder, or a folder written by save_pretrained
 """
 
