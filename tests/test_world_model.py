@@ -253,7 +253,8 @@ def demo_sample_root(tmp_path_factory):
     "tiny DiT's held-out rollout latent MSE (mean over the 4 predicted frames) is 0.232 after 400 steps (214 s) "
     "and 0.083 after 1000 steps (415 s) against 0.074 for copying the last latent; only the last frame beats "
     "copying at 1000 steps (0.106 vs 0.141), and states one frame late score the same as the true ones "
-    "(0.108) (docs/benchmarks.md, 'World model')"))
+    "(0.108), all measured with the 21.44 dB VAE and not yet with the 24.05 dB one (docs/benchmarks.md, "
+    "'World model')"))
 def test_a_short_run_beats_copying_the_last_latent_and_late_states_make_it_worse(demo_sample_root, tmp_path):
     """The learning test: a short TP1 run of the tiny world model (the tiny_1x preset's recipe: fitted VAE, latent
     memo, window hop 4, shift 5, batch 8), then rollouts on held-out clips: its latent MSE beats the
